@@ -1,0 +1,244 @@
+"""A Flower client: one process per data partition, training the global model locally.
+
+In FedAvg (McMahan et al. 2017) every client starts a round from the server's global
+model, trains it for a few epochs on data that never leaves the client, and sends back
+only the new weights and its number of training examples. This file is that client:
+
+- MnistClient, a flwr.client.NumPyClient built from one Partition and a seed. It holds
+  no Flower plumbing beyond fit/evaluate, so a Flower ClientApp can wrap it unchanged.
+- run_client, which connects to server.py over gRPC, waiting (with backoff) for a server
+  that is not up yet or that went away, for up to --max-wait seconds.
+
+    python client.py --partition 0        # one per partition, before or after server.py
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+from logging import ERROR, INFO, WARNING
+
+import grpc
+import jax
+import numpy as np
+from flwr.client import NumPyClient, start_client
+from flwr.common import Scalar, log
+from flwr.common.logger import update_console_handler
+
+import model
+import shards
+
+ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
+
+
+def round_key(seed: int, server_round: int, partition: int) -> jax.Array:
+    """The PRNG key of one client in one round: fresh per (round, partition), never reused."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), server_round), partition)
+
+
+def eval_batch_size(num_examples: int) -> int:
+    """The whole split in one batch, up to model.EVAL_BATCH_SIZE: no padded rows wasted."""
+    return max(1, min(model.EVAL_BATCH_SIZE, num_examples))
+
+
+class MnistClient(NumPyClient):
+    """Trains and evaluates the global model on one partition (a NumPyClient).
+
+    An exception in training or evaluation is not allowed to kill the process: it is
+    sent to the server as a result carrying metrics["error"], which the server rejects
+    and logs as a failure, and the client stays up for the next round.
+    """
+
+    def __init__(self, data: shards.Partition, partition: int, seed: int) -> None:
+        self.data = data
+        self.partition = partition
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size(len(data.x_val))
+
+    def warm_up(self, batch_size: int = model.BATCH_SIZE) -> None:
+        """Compile local training and evaluation now rather than inside round 1.
+
+        XLA compiles once per process and input shape; doing it before joining keeps the
+        first round as fast as the others. It costs one epoch of throwaway training (the
+        round-0 key is never used for real rounds); a --batch-size from the server other
+        than this one compiles again in round 1.
+        """
+        init_key, train_key = jax.random.split(round_key(self.seed, 0, self.partition))
+        # Through the wire format, like the global model in fit().
+        params = model.ndarrays_to_params(model.params_to_ndarrays(model.init_params(init_key)))
+        trained, _ = model.train(params, self.data.x_train, self.data.y_train, epochs=1,
+                                 batch_size=batch_size, learning_rate=model.LEARNING_RATE,
+                                 key=train_key)
+        model.params_to_ndarrays(trained)
+        model.evaluate(params, self.data.x_val, self.data.y_val, self.eval_batch_size)
+
+    def fit(self, parameters: list[np.ndarray],
+            config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """Train the global model; return (weights, #training examples, metrics)."""
+        try:
+            return self.train_round(parameters, config)
+        except Exception as e:  # pylint: disable=broad-except  # report, stay up
+            log(ERROR, "training failed; reporting it to the server", exc_info=e)
+            return [], 0, {"partition": self.partition, "error": f"{type(e).__name__}: {e}"}
+
+    def train_round(self, parameters: list[np.ndarray],
+                    config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """One round of local training with the settings the server sent."""
+        missing = [k for k in ROUND_CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"fit config lacks {missing}")
+        server_round, epochs = int(config["server_round"]), int(config["local_epochs"])
+        log(INFO, "round %d: training %d epoch(s) on %d examples", server_round, epochs,
+            len(self.data.x_train))
+        start = time.perf_counter()
+        params, metrics = model.train(
+            model.ndarrays_to_params(parameters), self.data.x_train, self.data.y_train,
+            epochs=epochs, batch_size=int(config["batch_size"]),
+            learning_rate=float(config["learning_rate"]),
+            key=round_key(self.seed, server_round, self.partition))
+        log(INFO, "round %d: train loss %.4f, accuracy %.2f%% (%.1f s)", server_round,
+            metrics["loss"], 100 * metrics["accuracy"], time.perf_counter() - start)
+        # FedAvg weighs by the local dataset size n_k (not by steps or epochs).
+        return model.params_to_ndarrays(params), len(self.data.x_train), {
+            "partition": self.partition, "train_loss": float(metrics["loss"]),
+            "train_accuracy": float(metrics["accuracy"]),
+            "examples_seen": int(metrics["num_examples"])}
+
+    def evaluate(self, parameters: list[np.ndarray],
+                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Loss and accuracy of the global model on this partition's validation split."""
+        try:
+            loss, accuracy = model.evaluate(model.ndarrays_to_params(parameters),
+                                            self.data.x_val, self.data.y_val,
+                                            self.eval_batch_size)
+        except Exception as e:  # pylint: disable=broad-except  # report, stay up
+            log(ERROR, "evaluation failed; reporting it to the server", exc_info=e)
+            return 0.0, 0, {"partition": self.partition, "error": f"{type(e).__name__}: {e}"}
+        log(INFO, "round %s: validation loss %.4f, accuracy %.2f%%",
+            config.get("server_round", "?"), loss, 100 * accuracy)
+        return float(loss), len(self.data.x_val), {"partition": self.partition,
+                                                    "accuracy": float(accuracy)}
+
+
+# -------------------------------------------------------------------------- data
+
+def load_client_data(data_dir: str | os.PathLike, partition: int) -> shards.Partition:
+    """This client's shard, with a one-line DataError for every way it can be unusable."""
+    num_partitions = None
+    if shards.manifest_path(data_dir).exists():
+        num_partitions = shards.load_manifest(data_dir)["num_partitions"]
+    if partition < 0 or (num_partitions is not None and partition >= num_partitions):
+        known = f"0..{num_partitions - 1}" if num_partitions else "0 or more"
+        raise shards.DataError(f"--partition {partition} is out of range: {data_dir} holds "
+                               f"partitions {known}")
+    path = shards.partition_path(data_dir, partition)
+    if not path.exists():
+        raise shards.DataError(f"{path} not found: create the shards with partition_data.py "
+                               "or point --data-dir at them")
+    return shards.load_partition(path)
+
+
+# -------------------------------------------------------------------- connection
+
+class ServerUnreachable(Exception):
+    """No gRPC connection to the server could be made within --max-wait."""
+
+
+def wait_for_server(address: str, root_certificates: bytes | None, max_wait: float) -> None:
+    """Return once a gRPC channel to address is ready; retry with backoff up to max_wait s.
+
+    Flower's grpc-bidi client (start_client) fails at once when nobody listens: its
+    max_retries/max_wait_time are ignored by that transport. Hence this probe.
+    """
+    start, delay = time.monotonic(), 0.25
+    while True:
+        credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
+        channel = (grpc.secure_channel(address, credentials) if credentials
+                   else grpc.insecure_channel(address))
+        try:
+            remaining = max_wait - (time.monotonic() - start)
+            grpc.channel_ready_future(channel).result(timeout=max(min(delay, remaining), 0.01))
+            if delay > 0.25:
+                log(INFO, "server %s answered after %.1f s", address, time.monotonic() - start)
+            return
+        except grpc.FutureTimeoutError:
+            pass
+        finally:
+            channel.close()
+        if time.monotonic() - start >= max_wait:
+            raise ServerUnreachable(
+                f"no server answered at {address} within {max_wait:g} s (is server.py running? "
+                "with TLS, does --root-certificate match the server's --certificates?)")
+        if delay == 0.25:
+            log(INFO, "waiting for the server at %s (up to %g s)", address, max_wait)
+        delay = min(2 * delay, 2.0)
+
+
+def run_client(client: NumPyClient, server_address: str, root_certificates: bytes | None,
+               max_wait: float) -> None:
+    """Serve the server until it ends the run; reconnect if the connection breaks.
+
+    A server that is restarted (e.g. with --resume) within max_wait seconds gets this
+    client back; the client is stateless between rounds, so nothing is lost.
+    """
+    while True:
+        wait_for_server(server_address, root_certificates, max_wait)
+        try:
+            start_client(server_address=server_address, client=client.to_client(),
+                         root_certificates=root_certificates)
+            return  # the server sent "reconnect: never", i.e. the run is over
+        except grpc.RpcError as e:
+            code = e.code().name if hasattr(e, "code") else type(e).__name__
+            log(WARNING, "lost the server (%s); reconnecting for up to %g s", code, max_wait)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--partition", type=int, required=True,
+                   help="index N of the shard to train on: DATA_DIR/partition_N.npz")
+    p.add_argument("--server-address", default="127.0.0.1:8080",
+                   help="host:port of server.py (default: %(default)s)")
+    p.add_argument("--data-dir", default="data",
+                   help="directory written by partition_data.py (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of this client's shuffling; round r uses "
+                        "fold_in(fold_in(key(seed), r), partition) (default: %(default)s)")
+    p.add_argument("--max-wait", type=float, default=60.0,
+                   help="seconds to keep retrying while the server is not reachable, at "
+                        "start or after it went away (default: %(default)s)")
+    p.add_argument("--root-certificate", metavar="FILE",
+                   help="CA certificate (PEM) to verify a TLS server, e.g. certificates/ca.crt "
+                        "from make_certificates.py (default: plaintext)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load this client's shard and serve the server until the run ends."""
+    args = parse_args(argv)
+    update_console_handler(colored=sys.stderr.isatty())  # no escape codes in log files
+    try:
+        data = load_client_data(args.data_dir, args.partition)
+        certificate = (pathlib.Path(args.root_certificate).read_bytes()
+                       if args.root_certificate else None)
+    except (shards.DataError, OSError) as e:
+        sys.exit(f"client.py: error: {e}")
+    log(INFO, "partition %d: %d training / %d validation examples", args.partition,
+        len(data.x_train), len(data.x_val))
+    client = MnistClient(data, args.partition, args.seed)
+    start = time.perf_counter()
+    client.warm_up()
+    log(INFO, "compiled training and evaluation in %.1f s", time.perf_counter() - start)
+    try:
+        run_client(client, args.server_address, certificate, args.max_wait)
+    except ServerUnreachable as e:
+        sys.exit(f"client.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("client.py: interrupted")
+
+
+if __name__ == "__main__":
+    main()

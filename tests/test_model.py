@@ -1,0 +1,177 @@
+"""Tests for model.py: shapes, parameter count, training, exact evaluation, wire format."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+
+
+def _toy_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n random ink-on-black uint8 images (n, 28, 28) and labels (n,), like a tiny shard."""
+    rng = np.random.default_rng(seed)
+    # ~13% of pixels at 255, the rest 0: about MNIST's pixel mean and spread.
+    images = np.where(rng.random((n, 28, 28)) < 0.13, 255, 0).astype(np.uint8)
+    return images, rng.integers(0, 10, n)
+
+
+def _busy_params(seed: int = 0) -> model.Params:
+    """init_params with a random output layer too (init leaves it 0: all logits 0)."""
+    params = model.init_params(jax.random.key(seed))
+    w = params["dense2"]["w"]
+    params["dense2"]["w"] = 0.1 * jax.random.normal(jax.random.key(seed + 1), w.shape)
+    return params
+
+
+def test_apply_output_shape_and_input_layouts():
+    params = _busy_params()
+    images, _ = _toy_data(5)
+    apply = jax.jit(model.apply)  # one compilation instead of one per operation
+    logits = apply(params, images)
+    assert logits.shape == (5, model.NUM_CLASSES) and logits.dtype == jnp.float32
+    # (B, 28, 28) uint8 and (B, 28, 28, 1) float in [0, 255] are the same input.
+    as_float = apply(params, images[..., None].astype(np.float32))
+    np.testing.assert_allclose(as_float, logits, rtol=1e-6, atol=1e-6)
+    assert np.std(logits, axis=0).min() > 1e-3  # logits really depend on the image
+
+
+def test_exact_parameter_count_and_spec():
+    params = model.init_params(jax.random.key(0))
+    # conv1 3*3*1*16+16, conv2 3*3*16*32+32, dense1 1568*128+128, dense2 128*10+10.
+    assert model.num_params(params) == 160 + 4_640 + 200_832 + 1_290 == 206_922
+    assert [name for name, _ in model.param_spec()] == [
+        "conv1/w", "conv1/b", "conv2/w", "conv2/b", "dense1/w", "dense1/b", "dense2/w", "dense2/b"]
+    assert sum(int(np.prod(shape)) for _, shape in model.param_spec()) == 206_922
+
+
+def test_init_params_is_float32_and_depends_on_key():
+    a, b = model.init_params(jax.random.key(0)), model.init_params(jax.random.key(1))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(a))
+    assert not np.array_equal(a["conv1"]["w"], b["conv1"]["w"])
+    # The output layer starts at zero: a uniform first prediction, loss exactly ln(10).
+    images, labels = _toy_data(64)
+    loss, _ = model.evaluate(a, images, labels)
+    assert loss == pytest.approx(np.log(10), rel=1e-6)
+
+
+def test_loss_falls_on_a_fixed_tiny_batch():
+    params = model.init_params(jax.random.key(0))
+    opt_state = model.init_opt_state(params)
+    images, labels = _toy_data(8)
+    mask = np.ones(8, np.float32)
+    losses = []
+    for _ in range(10):
+        params, opt_state, loss, _ = model.train_step(
+            params, opt_state, np.float32(1e-3), images, labels, mask)
+        losses.append(float(loss))
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def _constant_logit_params(bias: np.ndarray) -> model.Params:
+    """Params whose logits are `bias` for every image: every weight and other bias is 0."""
+    arrays = [np.zeros(shape, np.float32) for _, shape in model.param_spec()]
+    arrays[-1] = np.asarray(bias, np.float32)
+    return model.ndarrays_to_params(arrays)
+
+
+def test_evaluate_exact_on_hand_built_case_with_partial_batch():
+    bias = np.zeros(10, np.float32)
+    bias[3] = np.log(9.0)  # softmax: p(3) = 9 / (9 + 9) = 0.5, every other class 1/18
+    params = _constant_logit_params(bias)
+    images, _ = _toy_data(7)
+    labels = np.array([3, 3, 3, 0, 1, 2, 4])  # every image is predicted "3": 3 of 7 right
+    # batch_size 3 -> batches of 3, 3, 1: the padded last batch must count as 1 example.
+    loss, accuracy = model.evaluate(params, images, labels, batch_size=3)
+    assert accuracy == 3 / 7
+    expected_loss = (3 * np.log(2.0) + 4 * np.log(18.0)) / 7
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_evaluate_matches_one_unbatched_computation():
+    params = _busy_params()
+    images, labels = _toy_data(50)
+    logits = np.asarray(model.apply(params, images), np.float64)  # (50, 10)
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected_loss = -log_probs[np.arange(50), labels].mean()
+    expected_accuracy = (logits.argmax(1) == labels).mean()
+    assert 0 < expected_accuracy < 1 and np.ptp(logits) > 0.1  # a case that can go wrong
+    for batch_size in (7, 50, 64):  # partial last batch, exact fit, one padded batch
+        loss, accuracy = model.evaluate(params, images, labels, batch_size=batch_size)
+        assert accuracy == expected_accuracy
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_numpy_round_trip_is_exact():
+    params = model.init_params(jax.random.key(0))
+    arrays = model.params_to_ndarrays(params)
+    assert [a.shape for a in arrays] == [shape for _, shape in model.param_spec()]
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
+    back = model.ndarrays_to_params(arrays)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a[:-1], "expected 8 arrays \\(conv1/w, .*\\), got 7"),
+    (lambda a: a[:2] + [a[2][..., :10]] + a[3:], r"conv2/w: expected float32 \(3, 3, 16, 32\)"),
+    (lambda a: a[:-1] + [a[-1].astype(np.float64)], "dense2/b: expected float32"),
+])
+def test_ndarrays_to_params_rejects_bad_input(change, message):
+    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
+    with pytest.raises(ValueError, match=message):
+        model.ndarrays_to_params(change(arrays))
+
+
+def test_train_is_deterministic_and_uses_every_example():
+    params = model.init_params(jax.random.key(0))
+    images, labels = _toy_data(70)  # 70 = 2 * 32 + 6: a partial last batch
+    run = lambda key: model.train(params, images, labels, epochs=2, batch_size=32,
+                                  learning_rate=1e-3, key=key)
+    (a, metrics_a), (b, metrics_b) = run(jax.random.key(1)), run(jax.random.key(1))
+    for x, y in zip(model.params_to_ndarrays(a), model.params_to_ndarrays(b)):
+        np.testing.assert_array_equal(x, y)  # bit-identical
+    assert metrics_a == metrics_b and metrics_a["num_examples"] == 140
+    assert 0.0 <= metrics_a["accuracy"] <= 1.0 and metrics_a["loss"] > 0
+    c, _ = run(jax.random.key(2))  # another shuffle, other weights
+    assert not np.array_equal(model.params_to_ndarrays(a)[0], model.params_to_ndarrays(c)[0])
+
+
+def test_each_epoch_has_its_own_shuffle():
+    key = jax.random.key(0)
+    first, second = model.epoch_order(key, 0, 100), model.epoch_order(key, 1, 100)
+    assert sorted(first) == sorted(second) == list(range(100))
+    assert not np.array_equal(first, second)
+
+
+def test_padded_batches_cover_every_example_once():
+    order = np.random.default_rng(0).permutation(70)
+    batches = list(model.padded_batches(order, 32))
+    assert [len(idx) for idx, _ in batches] == [32, 32, 32]  # one shape: one compilation
+    real = np.concatenate([idx[mask == 1] for idx, mask in batches])
+    np.testing.assert_array_equal(real, order)
+    assert batches[-1][1].sum() == 6
+
+
+def test_training_compiles_once():
+    # _cache_size() counts the compiled versions of a jitted function (one per input
+    # shape/dtype signature); other tests may have compiled the same signature already.
+    before = model.train_step._cache_size()
+    images, labels = _toy_data(70)  # 3 steps per epoch, the last one padded
+    params = model.init_params(jax.random.key(0))
+    params, _ = model.train(params, images, labels, epochs=1, batch_size=32,
+                            learning_rate=1e-3, key=jax.random.key(1))
+    model.evaluate(params, images, labels)
+    compiled = model.train_step._cache_size(), model.eval_step._cache_size()
+    assert compiled[0] <= before + 1
+    # A second round: new params arriving as NumPy arrays (as from Flower), another learning
+    # rate, two epochs, a shard of another size (another partial last batch), then
+    # evaluation of another set size.
+    new_params = model.ndarrays_to_params(
+        model.params_to_ndarrays(model.init_params(jax.random.key(5))))
+    more_images, more_labels = _toy_data(45, seed=1)
+    new_params, _ = model.train(new_params, more_images, more_labels, epochs=2, batch_size=32,
+                                learning_rate=3e-4, key=jax.random.key(2))
+    model.evaluate(new_params, more_images, more_labels)
+    assert (model.train_step._cache_size(), model.eval_step._cache_size()) == compiled

@@ -1,0 +1,289 @@
+"""Unit tests for strategy.py: FedAvg arithmetic, update validation, results files, resume
+rules, the client manager's timeout and one round through the strategy, driven by hand
+the way Flower's Server drives it. NumPy and Flower objects only: no processes, no JAX."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from flwr.common import (Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.server.client_proxy import ClientProxy
+
+import strategy
+
+GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
+NAMES = ["dense/w", "dense/b"]
+SHARDS = [100, 50]  # training examples of partitions 0 and 1
+
+
+def _update(value: float) -> list[np.ndarray]:
+    return [np.full((2, 3), value, np.float32), np.full(3, value, np.float32)]
+
+
+def _why(arrays=None, num_examples=10, **metrics) -> str | None:
+    metrics = {"partition": 1, **metrics}
+    return strategy.validate_update(_update(0.5) if arrays is None else arrays, num_examples,
+                                    metrics, GLOBAL, SHARDS, names=NAMES)
+
+
+# ---------------------------------------------------------------------------- FedAvg
+
+def test_fedavg_is_the_example_weighted_mean():
+    # Two toy clients: 1 example with weights 1, 3 examples with weights 3 -> (1*1 + 3*3)/4.
+    out = strategy.fedavg([(_update(1.0), 1), (_update(3.0), 3)])
+    assert [a.dtype for a in out] == [np.float32, np.float32]
+    np.testing.assert_array_equal(out[0], np.full((2, 3), 2.5, np.float32))
+    np.testing.assert_array_equal(out[1], np.full(3, 2.5, np.float32))
+
+
+def test_fedavg_hand_computed_per_element():
+    a = [np.array([0.0, 10.0, -4.0], np.float32)]
+    b = [np.array([6.0, 20.0, 4.0], np.float32)]
+    c = [np.array([3.0, 0.0, 1.0], np.float32)]
+    out = strategy.fedavg([(a, 1), (b, 2), (c, 3)])
+    # (1*a + 2*b + 3*c) / 6
+    np.testing.assert_array_equal(out[0], np.array([21 / 6, 50 / 6, 7 / 6], np.float32))
+
+
+def test_fedavg_one_client_returns_its_weights_exactly():
+    w = [np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)]
+    np.testing.assert_array_equal(strategy.fedavg([(w, 7)])[0], w[0])
+
+
+def test_fedavg_rejects_no_examples():
+    with pytest.raises(ValueError):
+        strategy.fedavg([])
+    with pytest.raises(ValueError):
+        strategy.fedavg([(_update(1.0), 0)])
+
+
+def test_weighted_mean_is_exact_and_order_free():
+    values = [(0.1, 3), (0.7, 1), (1e-9, 5)]
+    assert strategy.weighted_mean(values) == strategy.weighted_mean(values[::-1])
+    assert strategy.weighted_mean([(1.0, 1), (4.0, 3)]) == 3.25
+    assert strategy.weighted_mean([]) is None
+
+
+# ------------------------------------------------------------------------ validation
+
+def test_a_good_update_passes():
+    assert _why() is None
+    assert _why(num_examples=50) is None  # exactly the partition's size is fine
+
+
+@pytest.mark.parametrize("arrays, num_examples, metrics, reason", [
+    (None, 10, {"error": "ValueError: boom"}, "client error: ValueError: boom"),
+    (None, 10, {"partition": 2}, "partition 2 is not one of 0..1"),
+    (None, 10, {"partition": "1"}, "partition '1' is not one of 0..1"),
+    (None, 0, {}, "num_examples 0 is not positive"),
+    (None, -5, {}, "num_examples -5 is not positive"),
+    (None, 51, {}, "num_examples 51 exceeds the 50 training examples of partition 1"),
+    (_update(0.5)[:1], 10, {}, "1 arrays, expected 2"),
+    ([np.zeros((3, 2), np.float32), np.zeros(3, np.float32)], 10, {},
+     "dense/w is float32 (3, 2), expected float32 (2, 3)"),
+    ([np.zeros((2, 3), np.float64), np.zeros(3, np.float32)], 10, {},
+     "dense/w is float64 (2, 3), expected float32 (2, 3)"),
+    ([np.zeros((2, 3), np.float32), np.array([0, np.nan, 0], np.float32)], 10, {},
+     "dense/b contains NaN or Inf"),
+    ([np.full((2, 3), np.inf, np.float32), np.zeros(3, np.float32)], 10, {},
+     "dense/w contains NaN or Inf"),
+])
+def test_bad_updates_are_rejected_with_a_reason(arrays, num_examples, metrics, reason):
+    assert _why(arrays, num_examples, **metrics) == reason
+
+
+def test_update_norm_threshold_is_relative_to_the_global_model():
+    # ||global|| = 0 -> the reference norm is 1, so a move of norm 3 is fine at ratio 100...
+    assert _why(_update(3 / math.sqrt(9))) is None
+    # ...and a move of norm 300.3 is not.
+    assert _why(_update(100.1)) == (
+        "update norm 300 is more than 100x the global model's norm 1")
+    # Relative to a big global model, the same move is fine.
+    big = [np.full((2, 3), 100.0, np.float32), np.full(3, 100.0, np.float32)]
+    assert strategy.validate_update(_update(200.0), 10, {"partition": 0}, big, SHARDS) is None
+
+
+def test_evaluation_validation():
+    ok = {"partition": 0, "accuracy": 0.5}
+    vals = [20, 10]
+    assert strategy.validate_evaluation(0.3, 20, ok, vals) is None
+    assert strategy.validate_evaluation(0.3, 21, ok, vals).startswith("num_examples 21")
+    assert strategy.validate_evaluation(0.3, 0, ok, vals).startswith("num_examples 0")
+    assert strategy.validate_evaluation(math.nan, 5, ok, vals) == "loss nan is not finite"
+    assert strategy.validate_evaluation(0.3, 5, {"partition": 0, "accuracy": 1.5},
+                                        vals) == "accuracy 1.5 is not in [0, 1]"
+    assert strategy.validate_evaluation(0.3, 5, {"error": "x"}, vals) == "client error: x"
+
+
+# ---------------------------------------------------------------- results and resume
+
+def test_results_dir_round_trip(tmp_path):
+    results = strategy.ResultsDir(tmp_path / "results", NAMES)
+    results.write_config({"seed": 0})
+    records = [{"round": 0, "centralized_loss": 2.3, "centralized_accuracy": 0.1},
+               {"round": 1, "centralized_loss": math.nan, "centralized_accuracy": 0.5,
+                "federated_accuracy": 0.25, "clients_fit": 2, "failures": 1}]
+    results.save_round(records[:1], _update(1.0))
+    results.save_round(records, _update(2.0))
+    config, saved, arrays = results.load_checkpoint()
+    assert config == {"seed": 0}
+    assert [r["round"] for r in saved] == [0, 1]
+    assert saved[1]["centralized_loss"] is None  # NaN is not JSON: recorded as null
+    assert list(saved[1]) == list(strategy.METRIC_FIELDS)
+    np.testing.assert_array_equal(arrays[0], _update(2.0)[0])
+    np.testing.assert_array_equal(results.load_arrays(results.model_path(0))[1], _update(1.0)[1])
+    np.testing.assert_array_equal(results.load_arrays(tmp_path / "results" / "global_model.npz")[0],
+                                  _update(2.0)[0])
+    csv_lines = (tmp_path / "results" / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == ",".join(strategy.METRIC_FIELDS)
+    assert csv_lines[2].startswith("1,,0.5,,0.25,")
+    # No temp files are left behind.
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "global_model.npz", "metrics.csv", "metrics.json", "model_round_0.npz",
+        "model_round_1.npz", "run_config.json"]
+
+
+def test_load_checkpoint_explains_what_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="nothing to resume"):
+        strategy.ResultsDir(tmp_path, NAMES).load_checkpoint()
+
+
+def test_clear_removes_only_run_files(tmp_path):
+    results = strategy.ResultsDir(tmp_path, NAMES)
+    results.save_round([{"round": 0}], _update(1.0))
+    (tmp_path / "accuracy.png").write_bytes(b"png")
+    results.clear()
+    assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
+
+
+def test_resume_mismatch_names_the_setting():
+    saved = {"seed": 0, "fraction_fit": 1.0, "local_epochs": 1, "batch_size": 32,
+             "learning_rate": 0.001, "manifest_sha256": "ab", "model": {"w": "2x3"},
+             "rounds": 5, "address": "0.0.0.0:8080", "min_clients": 10}
+    allowed = dict(saved, rounds=8, address="127.0.0.1:9000", min_clients=9)
+    assert strategy.resume_mismatch(saved, allowed) is None
+    assert strategy.resume_mismatch(saved, dict(saved, learning_rate=0.01)) == (
+        "learning_rate was 0.001, now 0.01")
+    assert strategy.resume_mismatch(saved, dict(saved, manifest_sha256="cd")) == (
+        "manifest_sha256 was 'ab', now 'cd'")
+    assert json.loads(json.dumps(saved)) == saved  # what is compared survives JSON
+
+
+def test_progress_lines():
+    r0 = {"round": 0, "centralized_accuracy": 0.098, "centralized_loss": 2.30258}
+    assert strategy.progress_line(r0, 5) == (
+        "round 0/5  accuracy  9.80%  loss 2.3026  (initial global model)")
+    r1 = {"round": 1, "centralized_accuracy": 0.91234, "centralized_loss": 0.28712,
+          "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}
+    assert strategy.progress_line(r1, 5) == (
+        "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)")
+
+
+# -------------------------------------------------------------------- client manager
+
+def test_client_manager_gives_up_after_its_timeout():
+    manager = strategy.TimeoutClientManager(timeout=0.2)
+    start = time.monotonic()
+    assert manager.wait_for(1) is False
+    with pytest.raises(strategy.NotEnoughClients, match="only 0 of the 2 clients"):
+        manager.sample(2)
+    assert time.monotonic() - start < 2  # not Flower's default of 24 h
+
+
+# ------------------------------------------------------ one round through the strategy
+
+class _Proxy(ClientProxy):
+    """A stand-in for a connected client: the strategy only samples and counts them."""
+
+    def get_properties(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+
+def _fit_res(arrays, num_examples, **metrics) -> FitRes:
+    return FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays),
+                  num_examples=num_examples, metrics=metrics)
+
+
+def _eval_res(loss, num_examples, **metrics) -> EvaluateRes:
+    return EvaluateRes(status=Status(Code.OK, ""), loss=loss, num_examples=num_examples,
+                       metrics=metrics)
+
+
+def _run_round(tmp_path, fit_results, eval_results, lines):
+    """Round 0 and round 1 through CheckedFedAvg, as Flower's Server would call it."""
+    s = strategy.CheckedFedAvg(
+        initial_arrays=GLOBAL, array_names=NAMES, shard_sizes=SHARDS, val_sizes=[10, 30],
+        evaluate_fn=lambda arrays: (float(arrays[1][0]), 0.5),  # "loss" = one weight
+        results=strategy.ResultsDir(tmp_path, NAMES), total_rounds=1, min_clients=2,
+        fit_config={"local_epochs": 1}, progress=lines.append)
+    manager = strategy.TimeoutClientManager(timeout=1)
+    for cid in ("a", "b", "c"):
+        manager.register(_Proxy(cid))
+    params = s.initialize_parameters(manager)
+    s.evaluate(0, params)
+    instructions = s.configure_fit(1, params, manager)
+    assert len(instructions) == 3
+    assert instructions[0][1].config == {"local_epochs": 1, "server_round": 1}
+    new, _ = s.aggregate_fit(1, [(None, r) for r in fit_results], [TimeoutError("late")])
+    s.evaluate(1, new)
+    s.configure_evaluate(1, new, manager)
+    s.aggregate_evaluate(1, [(None, r) for r in eval_results], [])
+    return parameters_to_ndarrays(new), json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_a_round_validates_sorts_averages_and_records(tmp_path):
+    fits = [_fit_res(_update(3.0), 30, partition=1, train_loss=0.2, train_accuracy=0.9),
+            _fit_res(_update(np.nan), 10, partition=0),           # rejected: NaN
+            _fit_res(_update(1.0), 10, partition=0, train_loss=0.6, train_accuracy=0.5),
+            _fit_res(_update(2.0), 10, partition=0)]              # rejected: duplicate
+    evals = [_eval_res(0.5, 30, partition=1, accuracy=0.8),
+             _eval_res(1.0, 10, partition=0, accuracy=0.4),
+             _eval_res(9.0, 11, partition=0, accuracy=0.4)]       # ignored: 11 > 10
+    lines = []
+    arrays, records = _run_round(tmp_path, fits, evals, lines)
+    # FedAvg of the two accepted updates: (10 * 1 + 30 * 3) / 40 = 2.5.
+    np.testing.assert_array_equal(arrays[0], np.full((2, 3), 2.5, np.float32))
+    r = records[1]
+    assert (r["round"], r["clients_sampled"], r["clients_fit"], r["failures"]) == (1, 3, 2, 3)
+    assert (r["train_loss"], r["train_accuracy"]) == ((0.6 * 10 + 0.2 * 30) / 40, 0.8)
+    assert (r["federated_loss"], r["federated_accuracy"]) == (0.625, 0.7)
+    assert r["evaluate_failures"] == 1 and r["centralized_loss"] == 2.5
+    assert r["bytes_received"] > 4 * 9 * 4
+    assert lines[0] == "round 0/1  accuracy 50.00%  loss 0.0000  (initial global model)"
+    assert lines[1].startswith("round 1/1  accuracy 50.00%  loss 2.5000  clients 2/3  failures 3")
+    assert (tmp_path / "model_round_1.npz").is_file()
+
+
+def test_a_round_does_not_depend_on_arrival_order(tmp_path):
+    rng = np.random.default_rng(0)
+    updates = [[rng.standard_normal((2, 3)).astype(np.float32),
+                rng.standard_normal(3).astype(np.float32)] for _ in range(2)]
+    fits = [_fit_res(updates[0], 7, partition=0), _fit_res(updates[1], 13, partition=1)]
+    evals = [_eval_res(0.1, 5, partition=0, accuracy=0.5)]
+    a, _ = _run_round(tmp_path / "a", fits, evals, [])
+    b, _ = _run_round(tmp_path / "b", fits[::-1], evals, [])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_fraction_fit_samples_a_fraction_but_waits_for_min_clients(tmp_path):
+    s = strategy.CheckedFedAvg(
+        initial_arrays=GLOBAL, array_names=NAMES, shard_sizes=SHARDS, val_sizes=[10, 10],
+        evaluate_fn=lambda arrays: (0.0, 0.0), results=strategy.ResultsDir(tmp_path, NAMES),
+        total_rounds=1, min_clients=10, fit_config={}, fraction_fit=0.5)
+    assert s.num_fit_clients(10) == (5, 10)
+    assert s.num_evaluation_clients(10) == (10, 10)
