@@ -417,6 +417,9 @@ def main() -> None:
     args, server_args = parse_args(sys.argv[1:])
     # `kill <demo pid>` should clean up like Ctrl-C does: SystemExit runs the `finally`.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # A non-interactive shell starts background jobs with SIGINT ignored, and Python keeps
+    # that; Ctrl-C (kill -INT) must still stop the demo and every child, wherever it runs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(args, server_args)
     except KeyboardInterrupt:

@@ -136,9 +136,12 @@ def test_failing_server_stops_the_demo_and_shows_its_log(finished_run, tmp_path)
 def test_ctrl_c_stops_every_child(finished_run, tmp_path):
     data, port = finished_run[0] / "data", free_port()
     # Its own session, so the SIGINT below goes to the demo alone, like a Ctrl-C would.
+    # Started with SIGINT ignored, as a non-interactive shell starts a background job:
+    # the demo must still stop on Ctrl-C.
     proc = subprocess.Popen(demo_cmd(tmp_path, "--port", str(port), "--rounds", "50", data=data),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         server_log = tmp_path / "results" / "logs" / "server.log"
         deadline = time.monotonic() + 120
