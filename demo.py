@@ -132,6 +132,8 @@ def prepare_data(args: argparse.Namespace, log_dir: pathlib.Path) -> dict:
         error = run_partition_data(args, source, log_path)
         if error is None:
             return shards.load_manifest(args.data_dir)
+        if source != sources[-1]:  # its advice names the offline sources: we try them next
+            error = error.split("; use ")[0]
         print(f"         {source} failed: {error}")
     raise DemoError(f"could not create {args.data_dir}/ (see {log_path})")
 
