@@ -125,9 +125,14 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(out_path.name + ".tmp")
-    fig.savefig(tmp_path, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp_path, out_path)  # readers never see a half-written PNG
+    try:
+        fig.savefig(tmp_path, format="png", dpi=110)
+        os.replace(tmp_path, out_path)  # readers never see a half-written PNG
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)  # nor a leftover half of one
+        raise
+    finally:
+        plt.close(fig)
     return out_path
 
 
