@@ -27,7 +27,7 @@ from flwr.common import Scalar, log
 from flwr.common.logger import update_console_handler
 
 import model
-import shards
+from federation import shards
 
 ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
 

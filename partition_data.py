@@ -55,7 +55,7 @@ import zlib
 
 import numpy as np
 
-from shards import (
+from federation.shards import (
     NUM_CLASSES,
     DataError,
     check_examples,

@@ -4,7 +4,7 @@ Runs FedAvg (McMahan et al. 2017) with flwr.server.start_server: every round it 
 global model and the local-training settings to the clients, checks and averages what
 they send back (weighted by their number of examples), evaluates the new global model on
 the held-out test set (centralized) and on every client's validation split (federated),
-and saves it all to --results-dir. The algorithm lives in strategy.py; this file is the
+and saves it all to --results-dir. The algorithm lives in federation/; this file is the
 command line around it.
 
     python server.py                        # 5 rounds, waits for 10 clients on port 8080
@@ -33,8 +33,10 @@ from flwr.common.logger import update_console_handler
 from flwr.server import ServerConfig, start_server
 
 import model
-import shards
-import strategy
+from federation import shards
+from federation.client_manager import NotEnoughClients, TimeoutClientManager
+from federation.results import ResultsDir, resume_mismatch
+from federation.strategy import CheckedFedAvg
 
 CERTIFICATE_FILES = ("ca.crt", "server.pem", "server.key")  # as make_certificates.py writes
 
@@ -80,7 +82,7 @@ def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | Non
 
 
 def resume_state(args: argparse.Namespace, config: dict,
-                 results: strategy.ResultsDir) -> tuple[list[dict], list[np.ndarray]] | None:
+                 results: ResultsDir) -> tuple[list[dict], list[np.ndarray]] | None:
     """(records, global model) to resume from, after checking this run may resume that one.
 
     Returns None if the saved run already has --rounds rounds. Adds the resumed round to
@@ -95,7 +97,7 @@ def resume_state(args: argparse.Namespace, config: dict,
     except ValueError as e:
         raise SetupError(f"cannot resume {args.results_dir}: its model does not fit "
                          f"model.py ({e})") from e
-    mismatch = strategy.resume_mismatch(saved, config)
+    mismatch = resume_mismatch(saved, config)
     if mismatch:
         raise SetupError(f"cannot resume {args.results_dir}: {mismatch}; resume with the "
                          "same settings, or start a new run without --resume")
@@ -109,7 +111,7 @@ def resume_state(args: argparse.Namespace, config: dict,
     return records, arrays
 
 
-def prepare(args: argparse.Namespace) -> tuple[strategy.CheckedFedAvg, int] | None:
+def prepare(args: argparse.Namespace) -> tuple[CheckedFedAvg, int] | None:
     """Load data, set up the results dir (fresh or resumed) and build the strategy.
 
     Returns (strategy, rounds left to run), or None if a resumed run is already complete.
@@ -122,7 +124,7 @@ def prepare(args: argparse.Namespace) -> tuple[strategy.CheckedFedAvg, int] | No
     x_test, y_test = shards.load_test_set(shards.test_set_path(args.data_dir))
     config = run_config(args, shards.manifest_sha256(args.data_dir))
     names = [name for name, _ in model.param_spec()]
-    results = strategy.ResultsDir(args.results_dir, names)
+    results = ResultsDir(args.results_dir, names)
     if args.resume:
         resumed = resume_state(args, config, results)
         if resumed is None:
@@ -134,7 +136,7 @@ def prepare(args: argparse.Namespace) -> tuple[strategy.CheckedFedAvg, int] | No
         records, done = [], 0
         arrays = model.params_to_ndarrays(model.init_params(jax.random.key(args.seed)))
     results.write_config(config)
-    return strategy.CheckedFedAvg(
+    return CheckedFedAvg(
         initial_arrays=arrays, array_names=names,
         shard_sizes=[p["num_train"] for p in partitions],
         val_sizes=[p["num_val"] for p in partitions],
@@ -156,13 +158,13 @@ def run(args: argparse.Namespace) -> None:
     if certificates is None:
         log(INFO, "TLS is off: updates travel unencrypted (fine on one machine; "
             "see --certificates)")
-    client_manager = strategy.TimeoutClientManager(timeout=args.round_timeout)
+    client_manager = TimeoutClientManager(timeout=args.round_timeout)
     try:
         start_server(server_address=args.address, strategy=fedavg,
                      client_manager=client_manager, certificates=certificates,
                      config=ServerConfig(num_rounds=rounds_left,
                                          round_timeout=args.round_timeout))
-    except strategy.NotEnoughClients as e:
+    except NotEnoughClients as e:
         raise SetupError(f"stopping after round {fedavg.records[-1]['round']}: {e}") from e
     finally:
         # start_server leaves its gRPC server running when it raises: close the clients'

@@ -37,8 +37,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import client  # noqa: E402  (repo root is on sys.path only after the line above)
 import model  # noqa: E402
-import shards  # noqa: E402
-import strategy  # noqa: E402
+from federation import shards  # noqa: E402
+from federation import aggregation  # noqa: E402
+from federation.results import ResultsDir  # noqa: E402
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
@@ -121,7 +122,7 @@ def run_single_process(data_dir: pathlib.Path,
                                     learning_rate=model.LEARNING_RATE,
                                     key=client.round_key(0, server_round, i))
             updates.append((model.params_to_ndarrays(params), len(part.x_train)))
-        arrays = strategy.fedavg(updates)
+        arrays = aggregation.fedavg(updates)
         params = model.ndarrays_to_params(arrays)
         model.evaluate(params, x_test, y_test)  # centralized
         for part in parts:  # federated, with client.py's batch size
@@ -159,7 +160,7 @@ def main() -> None:
                     else make_data(tmp / "data", args.clients))
         fed = run_federated(data_dir, tmp / "results", args)
         setup, single, single_arrays = run_single_process(data_dir, args)
-        federated_model = strategy.ResultsDir(tmp / "results", [n for n, _ in model.param_spec()])
+        federated_model = ResultsDir(tmp / "results", [n for n, _ in model.param_spec()])
         fed_arrays = federated_model.load_arrays(tmp / "results" / "global_model.npz")
 
     same = all(np.array_equal(a, b) for a, b in zip(fed_arrays, single_arrays))

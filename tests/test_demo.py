@@ -161,7 +161,7 @@ def test_ctrl_c_stops_every_child(finished_run, tmp_path):
 
 
 def test_progress_regex_reads_the_servers_lines():
-    import strategy  # the server's own formatter: the two files must agree
+    from federation import strategy  # the server's own formatter: the two files must agree
 
     record = {"round": 3, "centralized_accuracy": 0.9123, "centralized_loss": 0.2871,
               "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}

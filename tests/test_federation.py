@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-import strategy
+from federation import aggregation, validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PARTITIONS = 5  # in the test data; most runs use three clients (partitions 0-2)
@@ -202,7 +202,7 @@ def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_di
     import jax  # noqa: PLC0415
     import client  # noqa: PLC0415
     import model  # noqa: PLC0415
-    import shards  # noqa: PLC0415
+    from federation import shards  # noqa: PLC0415
     parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
     for server_round in (1, 2, 3):
@@ -212,7 +212,7 @@ def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_di
                                     epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
                                     key=client.round_key(0, server_round, i))
             updates.append((model.params_to_ndarrays(params), len(part.x_train)))
-        arrays = strategy.fedavg(updates)
+        arrays = aggregation.fedavg(updates)
     federated = load_model(results / "global_model.npz")
     for (name, _), expected in zip(model.param_spec(), arrays):
         assert np.array_equal(federated[name], expected), name
@@ -378,13 +378,13 @@ def test_tls_client_with_the_ca_trains_others_are_refused(procs, tmp_path, data_
 
 def test_client_reports_a_training_exception_instead_of_crashing(data_dir):
     import client  # noqa: PLC0415
-    import shards  # noqa: PLC0415
+    from federation import shards  # noqa: PLC0415
     c = client.MnistClient(shards.load_partition(shards.partition_path(data_dir, 0)), 0, 0)
     config = {"server_round": 1, "local_epochs": 1, "batch_size": 32, "learning_rate": 1e-3}
     arrays, n, metrics = c.fit([np.zeros(3, np.float32)], config)  # not the model's arrays
     assert (arrays, n, metrics["partition"]) == ([], 0, 0)
     assert metrics["error"].startswith("ValueError: expected ") and "got 1" in metrics["error"]
-    assert strategy.validate_update(arrays, n, metrics, [], [10]) == (
+    assert validation.validate_update(arrays, n, metrics, [], [10]) == (
         f"client error: {metrics['error']}")
 
 

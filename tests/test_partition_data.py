@@ -19,8 +19,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import partition_data
-import shards
-from shards import DataError
+from federation import shards
+from federation.shards import DataError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "partition_data.py"

@@ -1,4 +1,4 @@
-"""Tests for shards.py: what clients and the server accept, and the one-line errors for the rest."""
+"""Tests for federation/shards.py: what clients and the server accept, and the one-line errors for the rest."""
 
 import hashlib
 import json
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-import shards
-from shards import DataError
+from federation import shards
+from federation.shards import DataError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,7 @@ def test_load_manifest(tmp_path):
 
 
 def test_importing_shards_stays_light():
-    # Clients and the server import shards.py; it must not drag in tfds or JAX.
-    code = "import sys, shards; print(sorted(m for m in ('jax', 'tensorflow_datasets', 'absl') if m in sys.modules))"
+    # Clients and the server import federation/shards.py; it must not drag in tfds or JAX.
+    code = "import sys, federation.shards; print(sorted(m for m in ('jax', 'tensorflow_datasets', 'absl') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Unit tests for strategy.py: FedAvg arithmetic, update validation, results files, resume
+"""Unit tests for federation/: FedAvg arithmetic, update validation, results files, resume
 rules, the client manager's timeout and one round through the strategy, driven by hand
 the way Flower's Server drives it. NumPy and Flower objects only: no processes, no JAX."""
 
@@ -12,7 +12,7 @@ from flwr.common import (Code, EvaluateRes, FitRes, Status, ndarrays_to_paramete
                          parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 
-import strategy
+from federation import aggregation, client_manager, results, strategy, validation
 
 GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
 NAMES = ["dense/w", "dense/b"]
@@ -25,7 +25,7 @@ def _update(value: float) -> list[np.ndarray]:
 
 def _why(arrays=None, num_examples=10, **metrics) -> str | None:
     metrics = {"partition": 1, **metrics}
-    return strategy.validate_update(_update(0.5) if arrays is None else arrays, num_examples,
+    return validation.validate_update(_update(0.5) if arrays is None else arrays, num_examples,
                                     metrics, GLOBAL, SHARDS, names=NAMES)
 
 
@@ -33,7 +33,7 @@ def _why(arrays=None, num_examples=10, **metrics) -> str | None:
 
 def test_fedavg_is_the_example_weighted_mean():
     # Two toy clients: 1 example with weights 1, 3 examples with weights 3 -> (1*1 + 3*3)/4.
-    out = strategy.fedavg([(_update(1.0), 1), (_update(3.0), 3)])
+    out = aggregation.fedavg([(_update(1.0), 1), (_update(3.0), 3)])
     assert [a.dtype for a in out] == [np.float32, np.float32]
     np.testing.assert_array_equal(out[0], np.full((2, 3), 2.5, np.float32))
     np.testing.assert_array_equal(out[1], np.full(3, 2.5, np.float32))
@@ -43,28 +43,28 @@ def test_fedavg_hand_computed_per_element():
     a = [np.array([0.0, 10.0, -4.0], np.float32)]
     b = [np.array([6.0, 20.0, 4.0], np.float32)]
     c = [np.array([3.0, 0.0, 1.0], np.float32)]
-    out = strategy.fedavg([(a, 1), (b, 2), (c, 3)])
+    out = aggregation.fedavg([(a, 1), (b, 2), (c, 3)])
     # (1*a + 2*b + 3*c) / 6
     np.testing.assert_array_equal(out[0], np.array([21 / 6, 50 / 6, 7 / 6], np.float32))
 
 
 def test_fedavg_one_client_returns_its_weights_exactly():
     w = [np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)]
-    np.testing.assert_array_equal(strategy.fedavg([(w, 7)])[0], w[0])
+    np.testing.assert_array_equal(aggregation.fedavg([(w, 7)])[0], w[0])
 
 
 def test_fedavg_rejects_no_examples():
     with pytest.raises(ValueError):
-        strategy.fedavg([])
+        aggregation.fedavg([])
     with pytest.raises(ValueError):
-        strategy.fedavg([(_update(1.0), 0)])
+        aggregation.fedavg([(_update(1.0), 0)])
 
 
 def test_weighted_mean_is_exact_and_order_free():
     values = [(0.1, 3), (0.7, 1), (1e-9, 5)]
-    assert strategy.weighted_mean(values) == strategy.weighted_mean(values[::-1])
-    assert strategy.weighted_mean([(1.0, 1), (4.0, 3)]) == 3.25
-    assert strategy.weighted_mean([]) is None
+    assert aggregation.weighted_mean(values) == aggregation.weighted_mean(values[::-1])
+    assert aggregation.weighted_mean([(1.0, 1), (4.0, 3)]) == 3.25
+    assert aggregation.weighted_mean([]) is None
 
 
 # ------------------------------------------------------------------------ validation
@@ -103,42 +103,42 @@ def test_update_norm_threshold_is_relative_to_the_global_model():
         "update norm 300 is more than 100x the global model's norm 1")
     # Relative to a big global model, the same move is fine.
     big = [np.full((2, 3), 100.0, np.float32), np.full(3, 100.0, np.float32)]
-    assert strategy.validate_update(_update(200.0), 10, {"partition": 0}, big, SHARDS) is None
+    assert validation.validate_update(_update(200.0), 10, {"partition": 0}, big, SHARDS) is None
 
 
 def test_evaluation_validation():
     ok = {"partition": 0, "accuracy": 0.5}
     vals = [20, 10]
-    assert strategy.validate_evaluation(0.3, 20, ok, vals) is None
-    assert strategy.validate_evaluation(0.3, 21, ok, vals).startswith("num_examples 21")
-    assert strategy.validate_evaluation(0.3, 0, ok, vals).startswith("num_examples 0")
-    assert strategy.validate_evaluation(math.nan, 5, ok, vals) == "loss nan is not finite"
-    assert strategy.validate_evaluation(0.3, 5, {"partition": 0, "accuracy": 1.5},
+    assert validation.validate_evaluation(0.3, 20, ok, vals) is None
+    assert validation.validate_evaluation(0.3, 21, ok, vals).startswith("num_examples 21")
+    assert validation.validate_evaluation(0.3, 0, ok, vals).startswith("num_examples 0")
+    assert validation.validate_evaluation(math.nan, 5, ok, vals) == "loss nan is not finite"
+    assert validation.validate_evaluation(0.3, 5, {"partition": 0, "accuracy": 1.5},
                                         vals) == "accuracy 1.5 is not in [0, 1]"
-    assert strategy.validate_evaluation(0.3, 5, {"error": "x"}, vals) == "client error: x"
+    assert validation.validate_evaluation(0.3, 5, {"error": "x"}, vals) == "client error: x"
 
 
 # ---------------------------------------------------------------- results and resume
 
 def test_results_dir_round_trip(tmp_path):
-    results = strategy.ResultsDir(tmp_path / "results", NAMES)
-    results.write_config({"seed": 0})
+    rdir = results.ResultsDir(tmp_path / "results", NAMES)
+    rdir.write_config({"seed": 0})
     records = [{"round": 0, "centralized_loss": 2.3, "centralized_accuracy": 0.1},
                {"round": 1, "centralized_loss": math.nan, "centralized_accuracy": 0.5,
                 "federated_accuracy": 0.25, "clients_fit": 2, "failures": 1}]
-    results.save_round(records[:1], _update(1.0))
-    results.save_round(records, _update(2.0))
-    config, saved, arrays = results.load_checkpoint()
+    rdir.save_round(records[:1], _update(1.0))
+    rdir.save_round(records, _update(2.0))
+    config, saved, arrays = rdir.load_checkpoint()
     assert config == {"seed": 0}
     assert [r["round"] for r in saved] == [0, 1]
     assert saved[1]["centralized_loss"] is None  # NaN is not JSON: recorded as null
-    assert list(saved[1]) == list(strategy.METRIC_FIELDS)
+    assert list(saved[1]) == list(results.METRIC_FIELDS)
     np.testing.assert_array_equal(arrays[0], _update(2.0)[0])
-    np.testing.assert_array_equal(results.load_arrays(results.model_path(0))[1], _update(1.0)[1])
-    np.testing.assert_array_equal(results.load_arrays(tmp_path / "results" / "global_model.npz")[0],
+    np.testing.assert_array_equal(rdir.load_arrays(rdir.model_path(0))[1], _update(1.0)[1])
+    np.testing.assert_array_equal(rdir.load_arrays(tmp_path / "results" / "global_model.npz")[0],
                                   _update(2.0)[0])
     csv_lines = (tmp_path / "results" / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0] == ",".join(strategy.METRIC_FIELDS)
+    assert csv_lines[0] == ",".join(results.METRIC_FIELDS)
     assert csv_lines[2].startswith("1,,0.5,,0.25,")
     # No temp files are left behind.
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
@@ -148,14 +148,14 @@ def test_results_dir_round_trip(tmp_path):
 
 def test_load_checkpoint_explains_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="nothing to resume"):
-        strategy.ResultsDir(tmp_path, NAMES).load_checkpoint()
+        results.ResultsDir(tmp_path, NAMES).load_checkpoint()
 
 
 def test_clear_removes_only_run_files(tmp_path):
-    results = strategy.ResultsDir(tmp_path, NAMES)
-    results.save_round([{"round": 0}], _update(1.0))
+    rdir = results.ResultsDir(tmp_path, NAMES)
+    rdir.save_round([{"round": 0}], _update(1.0))
     (tmp_path / "accuracy.png").write_bytes(b"png")
-    results.clear()
+    rdir.clear()
     assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
 
 
@@ -164,10 +164,10 @@ def test_resume_mismatch_names_the_setting():
              "learning_rate": 0.001, "manifest_sha256": "ab", "model": {"w": "2x3"},
              "rounds": 5, "address": "0.0.0.0:8080", "min_clients": 10}
     allowed = dict(saved, rounds=8, address="127.0.0.1:9000", min_clients=9)
-    assert strategy.resume_mismatch(saved, allowed) is None
-    assert strategy.resume_mismatch(saved, dict(saved, learning_rate=0.01)) == (
+    assert results.resume_mismatch(saved, allowed) is None
+    assert results.resume_mismatch(saved, dict(saved, learning_rate=0.01)) == (
         "learning_rate was 0.001, now 0.01")
-    assert strategy.resume_mismatch(saved, dict(saved, manifest_sha256="cd")) == (
+    assert results.resume_mismatch(saved, dict(saved, manifest_sha256="cd")) == (
         "manifest_sha256 was 'ab', now 'cd'")
     assert json.loads(json.dumps(saved)) == saved  # what is compared survives JSON
 
@@ -185,10 +185,10 @@ def test_progress_lines():
 # -------------------------------------------------------------------- client manager
 
 def test_client_manager_gives_up_after_its_timeout():
-    manager = strategy.TimeoutClientManager(timeout=0.2)
+    manager = client_manager.TimeoutClientManager(timeout=0.2)
     start = time.monotonic()
     assert manager.wait_for(1) is False
-    with pytest.raises(strategy.NotEnoughClients, match="only 0 of the 2 clients"):
+    with pytest.raises(client_manager.NotEnoughClients, match="only 0 of the 2 clients"):
         manager.sample(2)
     assert time.monotonic() - start < 2  # not Flower's default of 24 h
 
@@ -229,9 +229,9 @@ def _run_round(tmp_path, fit_results, eval_results, lines):
     s = strategy.CheckedFedAvg(
         initial_arrays=GLOBAL, array_names=NAMES, shard_sizes=SHARDS, val_sizes=[10, 30],
         evaluate_fn=lambda arrays: (float(arrays[1][0]), 0.5),  # "loss" = one weight
-        results=strategy.ResultsDir(tmp_path, NAMES), total_rounds=1, min_clients=2,
+        results=results.ResultsDir(tmp_path, NAMES), total_rounds=1, min_clients=2,
         fit_config={"local_epochs": 1}, progress=lines.append)
-    manager = strategy.TimeoutClientManager(timeout=1)
+    manager = client_manager.TimeoutClientManager(timeout=1)
     for cid in ("a", "b", "c"):
         manager.register(_Proxy(cid))
     params = s.initialize_parameters(manager)
@@ -283,7 +283,7 @@ def test_a_round_does_not_depend_on_arrival_order(tmp_path):
 def test_fraction_fit_samples_a_fraction_but_waits_for_min_clients(tmp_path):
     s = strategy.CheckedFedAvg(
         initial_arrays=GLOBAL, array_names=NAMES, shard_sizes=SHARDS, val_sizes=[10, 10],
-        evaluate_fn=lambda arrays: (0.0, 0.0), results=strategy.ResultsDir(tmp_path, NAMES),
+        evaluate_fn=lambda arrays: (0.0, 0.0), results=results.ResultsDir(tmp_path, NAMES),
         total_rounds=1, min_clients=10, fit_config={}, fraction_fit=0.5)
     assert s.num_fit_clients(10) == (5, 10)
     assert s.num_evaluation_clients(10) == (10, 10)

@@ -1,0 +1,9 @@
+"""What server.py, client.py and the Flower App share, one job per file.
+
+aggregation     FedAvg's rule and its helpers (pure NumPy)
+validation      checks on what a client sends back (pure NumPy)
+results         the results directory: metrics, models, resume checks
+client_manager  Flower's client manager with a timeout
+strategy        CheckedFedAvg, the Flower strategy that calls the files above
+shards          loading and checking partition_data.py's shards (NumPy only)
+"""

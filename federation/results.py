@@ -1,0 +1,131 @@
+"""The results directory: metrics, run settings and one model per round, written atomically.
+
+It is also the checkpoint a stopped run resumes from: metrics.json is the commit point,
+written after the round's model, so a round listed there always has its model on disk.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from federation.aggregation import Arrays
+
+# Columns of metrics.json records and metrics.csv, in order.
+METRIC_FIELDS = (
+    "round", "centralized_loss", "centralized_accuracy", "federated_loss",
+    "federated_accuracy", "train_loss", "train_accuracy", "clients_sampled", "clients_fit",
+    "failures", "evaluate_failures", "round_seconds", "bytes_received")
+
+# run_config.json keys that define the computation: a resumed run must match them all.
+# Everything else may change on --resume: --rounds (to extend a run), --min-clients and
+# --round-timeout (liveness policy), --address, --certificates and the directory paths.
+RESUME_MUST_MATCH = ("seed", "fraction_fit", "local_epochs", "batch_size", "learning_rate",
+                     "manifest_sha256", "model")
+
+
+def resume_mismatch(saved: Mapping, current: Mapping) -> str | None:
+    """The first setting that differs between a saved run_config and this run's, or None."""
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != current.get(key):
+            return f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+    return None
+
+
+
+def _write_atomic(path: pathlib.Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through `write(file)` to a temp file next to path, then os.replace it.
+
+    A reader (or a crash) sees the old file or the new one, never half of one.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finite_or_none(value: object) -> object:
+    """JSON has no NaN/Inf: a diverged loss is recorded as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def metrics_csv(records: Sequence[Mapping]) -> str:
+    """The records as CSV with METRIC_FIELDS columns; None becomes an empty cell."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if record.get(k) is None else record[k] for k in METRIC_FIELDS})
+    return out.getvalue()
+
+
+class ResultsDir:
+    """metrics.json/.csv, run_config.json and model_round_<r>.npz in one directory.
+
+    The model file of a round is written before metrics.json, so metrics.json is the
+    commit point: a round listed there always has its model on disk.
+    """
+
+    def __init__(self, root: str | os.PathLike, array_names: Sequence[str]) -> None:
+        self.root = pathlib.Path(root)
+        self.array_names = list(array_names)
+
+    def model_path(self, server_round: int) -> pathlib.Path:
+        """Where the global model after `server_round` is saved."""
+        return self.root / f"model_round_{server_round}.npz"
+
+    def clear(self) -> None:
+        """Remove the files a previous run left (only the ones this class writes)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        stale = [self.root / n for n in ("metrics.json", "metrics.csv", "run_config.json",
+                                         "global_model.npz")]
+        for path in stale + list(self.root.glob("model_round_*.npz")):
+            path.unlink(missing_ok=True)
+
+    def write_config(self, config: Mapping) -> None:
+        """Write run_config.json."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(config, indent=2) + "\n"
+        _write_atomic(self.root / "run_config.json", lambda f: f.write(text.encode()))
+
+    def save_round(self, records: Sequence[Mapping], arrays: Arrays) -> None:
+        """Save the global model after the last record's round, then the metrics."""
+        server_round = records[-1]["round"]
+        named = dict(zip(self.array_names, arrays, strict=True))
+        self.root.mkdir(parents=True, exist_ok=True)
+        for path in (self.model_path(server_round), self.root / "global_model.npz"):
+            _write_atomic(path, lambda f: np.savez(f, **named))
+        clean = [{k: _finite_or_none(r.get(k)) for k in METRIC_FIELDS} for r in records]
+        text = json.dumps(clean, indent=2) + "\n"
+        _write_atomic(self.root / "metrics.csv", lambda f: f.write(metrics_csv(clean).encode()))
+        _write_atomic(self.root / "metrics.json", lambda f: f.write(text.encode()))
+
+    def load_arrays(self, path: pathlib.Path) -> Arrays:
+        """Arrays of a saved model, in array_names order."""
+        with np.load(path, allow_pickle=False) as npz:
+            if sorted(npz.files) != sorted(self.array_names):
+                raise ValueError(f"{path} holds {sorted(npz.files)}, expected {self.array_names}")
+            return [npz[name] for name in self.array_names]
+
+    def load_checkpoint(self) -> tuple[dict, list[dict], Arrays]:
+        """(run_config, metric records, global model after the last recorded round).
+
+        Raises ValueError with a one-line message if there is nothing usable to resume.
+        """
+        try:
+            config = json.loads((self.root / "run_config.json").read_text())
+            records = json.loads((self.root / "metrics.json").read_text())
+            last = records[-1]["round"]
+            return config, records, self.load_arrays(self.model_path(last))
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"nothing to resume in {self.root}: {e}") from e

@@ -1,0 +1,253 @@
+"""FedAvg (McMahan et al. 2017) as a Flower strategy that checks every update and keeps a
+crash-safe record of the run.
+
+FedAvg ("Communication-Efficient Learning of Deep Networks from Decentralized Data") sets
+the new global model to the average of the clients' models, each weighted by the number
+of examples it trained on: w = sum_k (n_k / n) w_k. Flower's stock FedAvg does exactly
+that with whatever comes back. A server that runs for a long time against processes it
+does not control needs a little more, and it lives here, free of JAX and of any CLI, so
+that server.py (flwr.server.start_server) and a later ServerApp can share it:
+
+1. Validation (validation.py): an update with the wrong arrays, NaN/Inf, an absurd
+   norm or an impossible example count is rejected with a logged reason and counted
+   as a failure.
+2. Determinism: accepted updates are sorted by partition and summed in float64, so the
+   same updates give the same global model bit for bit, in whatever order they arrive.
+3. Results (results.py): after every round the global model and the metrics are
+   written atomically to the results directory, which is also the checkpoint a
+   stopped run resumes from.
+4. Liveness (client_manager.py): a client manager that gives up after a timeout
+   instead of Flower's 24 h.
+"""
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from logging import INFO, WARNING
+
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    log,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+    serde,
+)
+from flwr.proto.transport_pb2 import ClientMessage  # pylint: disable=no-name-in-module
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from federation.aggregation import Arrays, fedavg, weighted_mean
+from federation.results import ResultsDir
+from federation.validation import MAX_UPDATE_RATIO, validate_evaluation, validate_update
+
+
+def print_progress(line: str) -> None:
+    """The default progress sink: one line on stdout, flushed so pipes see it at once."""
+    print(line, flush=True)
+
+
+def _failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
+    """A readable reason for something Flower put in `failures`."""
+    if isinstance(failure, BaseException):
+        if type(failure).__name__ == "GrpcBridgeClosed":
+            return "connection closed (client stopped, crashed or exceeded --round-timeout)"
+        return f"{type(failure).__name__}: {failure}"
+    return f"status {failure[1].status.code.name}: {failure[1].status.message}"
+
+
+class CheckedFedAvg(FedAvg):
+    """FedAvg with validated updates, deterministic aggregation, results and resume.
+
+    Rounds are numbered as in the whole run: after resuming from round r, Flower's round k
+    is round r + k here, in the fit config sent to clients, in the log and in results.
+    """
+
+    def __init__(self, *, initial_arrays: Arrays, array_names: Sequence[str],
+                 shard_sizes: Sequence[int], val_sizes: Sequence[int],
+                 evaluate_fn: Callable[[Arrays], tuple[float, float]],
+                 results: ResultsDir, total_rounds: int, min_clients: int,
+                 fit_config: Mapping[str, Scalar], fraction_fit: float = 1.0,
+                 records: Sequence[dict] = (), max_update_ratio: float = MAX_UPDATE_RATIO,
+                 progress: Callable[[str], None] = print_progress) -> None:
+        """Args:
+          initial_arrays: the global model to start from (round 0, or the resumed round).
+          array_names: one name per array, for checkpoints and messages.
+          shard_sizes, val_sizes: training / validation examples of each partition.
+          evaluate_fn: centralized evaluation, arrays -> (loss, accuracy).
+          results: where metrics and models go.
+          total_rounds: the last round of the whole run (for the progress line).
+          min_clients: clients needed to start a round (fit and evaluate).
+          fit_config: sent to clients every round, plus "server_round".
+          fraction_fit: fraction of connected clients that train each round.
+          records: metric records of the rounds already done (when resuming).
+          max_update_ratio: see validate_update.
+          progress: receives one line per round.
+        """
+        super().__init__(
+            # Wait for min_clients, train on fraction_fit of those connected (at least one),
+            # evaluate on all of them.
+            fraction_fit=fraction_fit, fraction_evaluate=1.0,
+            min_fit_clients=max(1, int(fraction_fit * min_clients)),
+            min_evaluate_clients=min_clients, min_available_clients=min_clients,
+            initial_parameters=ndarrays_to_parameters(initial_arrays))
+        self.array_names = list(array_names)
+        self.shard_sizes, self.val_sizes = list(shard_sizes), list(val_sizes)
+        self.centralized_evaluate = evaluate_fn
+        self.results = results
+        self.total_rounds = total_rounds
+        self.fit_config = dict(fit_config)
+        self.records = list(records)
+        self.max_update_ratio = max_update_ratio
+        self.progress = progress
+        self.offset = self.records[-1]["round"] if self.records else 0  # rounds already done
+        self._global: Arrays = list(initial_arrays)
+        self._round: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"CheckedFedAvg(min_clients={self.min_available_clients}, "
+                f"fraction_fit={self.fraction_fit})")
+
+    # -- round 0 and centralized evaluation
+
+    def evaluate(self, server_round: int,
+                 parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """Centralized evaluation of the global model on the server's test set."""
+        if server_round == 0 and self.offset:
+            log(INFO, "resuming after round %d: Flower's [ROUND k] below is round %d + k",
+                self.offset, self.offset)
+            return None
+        arrays = parameters_to_ndarrays(parameters)
+        start = time.perf_counter()
+        loss, accuracy = self.centralized_evaluate(arrays)
+        self._global = arrays
+        if server_round == 0:
+            record = {"round": 0, "centralized_loss": loss, "centralized_accuracy": accuracy,
+                      "clients_sampled": 0, "clients_fit": 0, "failures": 0,
+                      "evaluate_failures": 0, "bytes_received": 0,
+                      "round_seconds": round(time.perf_counter() - start, 3)}
+            self._finish_round(record)
+        else:
+            self._round.update(centralized_loss=loss, centralized_accuracy=accuracy)
+        return loss, {"accuracy": accuracy}
+
+    # -- training
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """Send every sampled client the global model and this round's settings."""
+        true_round = self.offset + server_round
+        self._global = parameters_to_ndarrays(parameters)
+        sample_size, min_clients = self.num_fit_clients(client_manager.num_available())
+        clients = client_manager.sample(num_clients=sample_size, min_num_clients=min_clients)
+        # The round's clock starts once its clients are there, not while waiting for them.
+        self._round = {"round": true_round, "start": time.perf_counter(),
+                       "clients_sampled": len(clients)}
+        fit_ins = FitIns(parameters, {**self.fit_config, "server_round": true_round})
+        return [(client, fit_ins) for client in clients]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate each update, then FedAvg the accepted ones in partition order."""
+        true_round = self.offset + server_round
+        for failure in failures:
+            log(WARNING, "round %d: a client failed: %s", true_round, _failure_reason(failure))
+        accepted: dict[int, tuple[Arrays, int, Mapping]] = {}
+        rejected = 0
+        for _, res in results:
+            reason = self._check_fit_result(res, accepted)
+            if reason is None:
+                continue
+            rejected += 1
+            log(WARNING, "round %d: rejected update from partition %s: %s", true_round,
+                res.metrics.get("partition", "?"), reason)
+        self._round.update(
+            clients_fit=len(accepted), failures=len(failures) + rejected,
+            bytes_received=sum(  # the size of each reply as protobuf, i.e. on the wire
+                ClientMessage(fit_res=serde.fit_res_to_proto(res)).ByteSize()
+                for _, res in results + [f for f in failures if isinstance(f, tuple)]))
+        ordered = [accepted[p] for p in sorted(accepted)]
+        self._round.update(
+            train_loss=weighted_mean([(m.get("train_loss", math.nan), n) for _, n, m in ordered]),
+            train_accuracy=weighted_mean([(m.get("train_accuracy", math.nan), n)
+                                          for _, n, m in ordered]))
+        if not ordered:
+            log(WARNING, "round %d: no valid update; the global model stays as it was", true_round)
+            return None, {}
+        aggregated = fedavg([(arrays, n) for arrays, n, _ in ordered])
+        return ndarrays_to_parameters(aggregated), {
+            "train_loss": self._round["train_loss"],
+            "train_accuracy": self._round["train_accuracy"]}
+
+    def _check_fit_result(self, res: FitRes, accepted: dict) -> str | None:
+        """Add a valid result to `accepted` (keyed by partition); else return why not."""
+        try:
+            arrays = parameters_to_ndarrays(res.parameters)
+        except Exception as e:  # pylint: disable=broad-except  # any garbage bytes
+            return f"arrays cannot be decoded ({type(e).__name__}: {e})"
+        reason = validate_update(arrays, res.num_examples, res.metrics, self._global,
+                                 self.shard_sizes, self.max_update_ratio, self.array_names)
+        if reason is None and res.metrics["partition"] in accepted:
+            reason = "another client already sent an update for this partition this round"
+        if reason is None:
+            accepted[res.metrics["partition"]] = (arrays, res.num_examples, res.metrics)
+        return reason
+
+    # -- federated evaluation, end of round
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Ask every connected client to evaluate the new global model on its validation split."""
+        sample_size, min_clients = self.num_evaluation_clients(client_manager.num_available())
+        clients = client_manager.sample(num_clients=sample_size, min_num_clients=min_clients)
+        evaluate_ins = EvaluateIns(parameters, {"server_round": self.offset + server_round})
+        return [(client, evaluate_ins) for client in clients]
+
+    def aggregate_evaluate(self, server_round: int,
+                           results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list) -> tuple[float | None, dict[str, Scalar]]:
+        """Average validation loss/accuracy by examples, then record and save the round."""
+        true_round = self.offset + server_round
+        valid = {}
+        for failure in failures:
+            log(WARNING, "round %d: a client failed to evaluate: %s", true_round,
+                _failure_reason(failure))
+        for _, res in results:
+            reason = validate_evaluation(res.loss, res.num_examples, res.metrics, self.val_sizes)
+            if reason is None and res.metrics["partition"] in valid:
+                reason = "another client already evaluated this partition this round"
+            if reason is not None:
+                log(WARNING, "round %d: ignored evaluation from partition %s: %s", true_round,
+                    res.metrics.get("partition", "?"), reason)
+                continue
+            valid[res.metrics["partition"]] = res
+        ordered = [valid[p] for p in sorted(valid)]
+        loss = weighted_mean([(r.loss, r.num_examples) for r in ordered])
+        accuracy = weighted_mean([(float(r.metrics["accuracy"]), r.num_examples) for r in ordered])
+        record = dict(self._round, federated_loss=loss, federated_accuracy=accuracy,
+                      evaluate_failures=len(failures) + len(results) - len(ordered))
+        record["round_seconds"] = round(time.perf_counter() - record.pop("start"), 3)
+        self._finish_round(record)
+        return loss, ({} if accuracy is None else {"accuracy": accuracy})
+
+    def _finish_round(self, record: dict) -> None:
+        """Append the round's record, save model + metrics, print the progress line."""
+        self.records.append(record)
+        self.results.save_round(self.records, self._global)
+        self.progress(progress_line(record, self.total_rounds))
+
+
+def progress_line(record: Mapping, total_rounds: int) -> str:
+    """E.g. 'round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)'."""
+    head = (f"round {record['round']}/{total_rounds}  "
+            f"accuracy {100 * record['centralized_accuracy']:5.2f}%  "
+            f"loss {record['centralized_loss']:.4f}")
+    if record["round"] == 0:
+        return f"{head}  (initial global model)"
+    return (f"{head}  clients {record['clients_fit']}/{record['clients_sampled']}  "
+            f"failures {record['failures']}  ({record['round_seconds']:.1f} s)")
