@@ -4,8 +4,8 @@ Runs FedAvg (McMahan et al. 2017) with flwr.server.start_server: every round it 
 global model and the local-training settings to the clients, checks and averages what
 they send back (weighted by their number of examples), evaluates the new global model on
 the held-out test set (centralized) and on every client's validation split (federated),
-and saves it all to --results-dir. The algorithm lives in federation/; this file is the
-command line around it.
+and saves it all to --results-dir. The algorithm lives in federation/ (strategy.py, and
+server_setup.py, which server_app.py shares); this file is the command line around it.
 
     python server.py                        # 5 rounds, waits for 10 clients on port 8080
     python server.py --rounds 8 --resume    # continue a stopped (or finished) run
@@ -20,14 +20,10 @@ train is random (Flower samples with an unseeded random.sample), so it will not.
 """
 
 import argparse
-import importlib.metadata
 import pathlib
 import sys
-from collections.abc import Callable
 from logging import INFO
 
-import jax
-import numpy as np
 from flwr.common import log
 from flwr.common.logger import update_console_handler
 from flwr.server import ServerConfig, start_server
@@ -35,38 +31,9 @@ from flwr.server import ServerConfig, start_server
 import model
 from federation import shards
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
-from federation.results import ResultsDir, resume_mismatch
-from federation.strategy import CheckedFedAvg
+from federation.server_setup import ServerSettings, SetupError, build_strategy
 
 CERTIFICATE_FILES = ("ca.crt", "server.pem", "server.key")  # as make_certificates.py writes
-
-
-class SetupError(Exception):
-    """A problem with the flags, the data or the results directory; str(e) is one line."""
-
-
-def centralized_evaluator(x_test: np.ndarray,
-                          y_test: np.ndarray) -> Callable[[list[np.ndarray]], tuple[float, float]]:
-    """arrays -> (loss, accuracy) of the model on the server's test set."""
-    def evaluate(arrays: list[np.ndarray]) -> tuple[float, float]:
-        loss, accuracy = model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)
-        return float(loss), float(accuracy)
-    return evaluate
-
-
-def run_config(args: argparse.Namespace, manifest_sha256: str) -> dict:
-    """Every setting of this run, plus what identifies its data and model (run_config.json)."""
-    return {
-        "rounds": args.rounds, "min_clients": args.min_clients,
-        "fraction_fit": args.fraction_fit, "local_epochs": args.local_epochs,
-        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
-        "round_timeout": args.round_timeout, "address": args.address,
-        "data_dir": str(args.data_dir), "results_dir": str(args.results_dir),
-        "certificates": args.certificates, "manifest_sha256": manifest_sha256,
-        "model": {name: "x".join(map(str, shape)) for name, shape in model.param_spec()},
-        "versions": {p: importlib.metadata.version(p) for p in ("flwr", "jax", "numpy")},
-        "resumed_after": [],
-    }
 
 
 def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | None:
@@ -81,77 +48,20 @@ def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | Non
     return tuple(p.read_bytes() for p in paths)  # type: ignore[return-value]
 
 
-def resume_state(args: argparse.Namespace, config: dict,
-                 results: ResultsDir) -> tuple[list[dict], list[np.ndarray]] | None:
-    """(records, global model) to resume from, after checking this run may resume that one.
-
-    Returns None if the saved run already has --rounds rounds. Adds the resumed round to
-    config["resumed_after"].
-    """
-    try:
-        saved, records, arrays = results.load_checkpoint()
-    except ValueError as e:
-        raise SetupError(f"cannot resume: {e}") from e
-    try:
-        model.ndarrays_to_params(arrays)
-    except ValueError as e:
-        raise SetupError(f"cannot resume {args.results_dir}: its model does not fit "
-                         f"model.py ({e})") from e
-    mismatch = resume_mismatch(saved, config)
-    if mismatch:
-        raise SetupError(f"cannot resume {args.results_dir}: {mismatch}; resume with the "
-                         "same settings, or start a new run without --resume")
-    done = records[-1]["round"]
-    if done >= args.rounds:
-        print(f"{args.results_dir} already holds round {done} of {args.rounds}; "
-              "raise --rounds to continue the run", flush=True)
-        return None
-    config["resumed_after"] = saved.get("resumed_after", []) + [done]
-    log(INFO, "resuming %s after round %d of %d", args.results_dir, done, args.rounds)
-    return records, arrays
-
-
-def prepare(args: argparse.Namespace) -> tuple[CheckedFedAvg, int] | None:
-    """Load data, set up the results dir (fresh or resumed) and build the strategy.
-
-    Returns (strategy, rounds left to run), or None if a resumed run is already complete.
-    """
-    manifest = shards.load_manifest(args.data_dir)
-    partitions = sorted(manifest["partitions"], key=lambda p: p["index"])
-    if args.min_clients > len(partitions):
-        raise SetupError(f"--min-clients {args.min_clients}, but {args.data_dir} has only "
-                         f"{len(partitions)} partitions (one client each)")
-    x_test, y_test = shards.load_test_set(shards.test_set_path(args.data_dir))
-    config = run_config(args, shards.manifest_sha256(args.data_dir))
-    names = [name for name, _ in model.param_spec()]
-    results = ResultsDir(args.results_dir, names)
-    if args.resume:
-        resumed = resume_state(args, config, results)
-        if resumed is None:
-            return None
-        records, arrays = resumed
-        done = records[-1]["round"]
-    else:
-        results.clear()  # a new run must not mix with an old run's model_round_*.npz
-        records, done = [], 0
-        arrays = model.params_to_ndarrays(model.init_params(jax.random.key(args.seed)))
-    results.write_config(config)
-    return CheckedFedAvg(
-        initial_arrays=arrays, array_names=names,
-        shard_sizes=[p["num_train"] for p in partitions],
-        val_sizes=[p["num_val"] for p in partitions],
-        evaluate_fn=centralized_evaluator(x_test, y_test), results=results,
-        total_rounds=args.rounds, min_clients=args.min_clients,
-        fraction_fit=args.fraction_fit, records=records,
-        fit_config={"local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                    "learning_rate": args.learning_rate},
-    ), args.rounds - done
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The run's settings from the command line (the transport's own flags recorded aside)."""
+    return ServerSettings(
+        rounds=args.rounds, min_clients=args.min_clients, fraction_fit=args.fraction_fit,
+        local_epochs=args.local_epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, round_timeout=args.round_timeout,
+        data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
+        transport={"address": args.address, "certificates": args.certificates})
 
 
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) the federation until --rounds are done."""
     certificates = load_certificates(args.certificates)
-    prepared = prepare(args)
+    prepared = build_strategy(settings_from_args(args))
     if prepared is None:
         return
     fedavg, rounds_left = prepared
@@ -210,10 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="enable TLS with DIR/ca.crt, DIR/server.pem, DIR/server.key from "
                         "make_certificates.py (default: plaintext)")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.min_clients < 1 or args.local_epochs < 1 or args.batch_size < 1:
-        p.error("--rounds, --min-clients, --local-epochs and --batch-size must be >= 1")
-    if not 0.0 < args.fraction_fit <= 1.0 or args.learning_rate <= 0 or args.round_timeout <= 0:
-        p.error("--fraction-fit must be in (0, 1]; --learning-rate and --round-timeout > 0")
+    problem = settings_from_args(args).problem()
+    if problem:
+        p.error(f"--{problem}")
     return args
 
 

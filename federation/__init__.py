@@ -5,5 +5,6 @@ validation      checks on what a client sends back (pure NumPy)
 results         the results directory: metrics, models, resume checks
 client_manager  Flower's client manager with a timeout
 strategy        CheckedFedAvg, the Flower strategy that calls the files above
+server_setup    ServerSettings -> checked data, results dir and strategy (server.py, server_app.py)
 shards          loading and checking partition_data.py's shards (NumPy only)
 """

@@ -1,0 +1,155 @@
+"""Everything a FedAvg server needs before its first round, for every way of running one.
+
+server.py (Flower's gRPC `start_server`) and server_app.py (a Flower `ServerApp` under
+`flwr run`) are thin shells: each turns its own input (command-line flags, a run config)
+into one `ServerSettings`, and this file does the rest the same way for both: check the
+settings, load the test set and the manifest, set up the results directory (fresh or
+resumed) and build the `CheckedFedAvg` strategy.
+"""
+
+import dataclasses
+import importlib.metadata
+from collections.abc import Callable, Mapping
+from logging import INFO
+from typing import Any
+
+import jax
+import numpy as np
+from flwr.common import log
+
+import model
+from federation import shards
+from federation.aggregation import Arrays
+from federation.results import ResultsDir, resume_mismatch
+from federation.strategy import CheckedFedAvg
+
+
+class SetupError(Exception):
+    """A problem with the settings, the data or the results directory; str(e) is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """The settings of one federated run; the defaults run the tutorial as-is."""
+
+    rounds: int = 5                     # the last round of the whole run
+    min_clients: int = 10               # clients that must be connected before a round starts
+    fraction_fit: float = 1.0           # fraction of connected clients that train each round
+    local_epochs: int = model.LOCAL_EPOCHS
+    batch_size: int = model.BATCH_SIZE
+    learning_rate: float = model.LEARNING_RATE
+    seed: int = 0                       # seed of the initial global model
+    round_timeout: float = 300.0        # seconds to wait for clients and for their answers
+    data_dir: str = "data"
+    results_dir: str = "results"
+    resume: bool = False                # continue the run in results_dir from its newest round
+    # Settings of the transport (address, certificates, ...): recorded, never compared.
+    transport: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def problem(self) -> str | None:
+        """Why these settings cannot run (one line), or None."""
+        for name in ("rounds", "min_clients", "local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                return f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+        if not 0.0 < self.fraction_fit <= 1.0:
+            return f"fraction-fit must be in (0, 1], got {self.fraction_fit}"
+        for name in ("learning_rate", "round_timeout"):
+            if not getattr(self, name) > 0:
+                return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+        return None
+
+
+def centralized_evaluator(x_test: np.ndarray,
+                          y_test: np.ndarray) -> Callable[[Arrays], tuple[float, float]]:
+    """arrays -> (loss, accuracy) of the model on the server's test set."""
+    def evaluate(arrays: Arrays) -> tuple[float, float]:
+        loss, accuracy = model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)
+        return float(loss), float(accuracy)
+    return evaluate
+
+
+def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
+    """Every setting of this run, plus what identifies its data and model (run_config.json)."""
+    return {
+        "rounds": settings.rounds, "min_clients": settings.min_clients,
+        "fraction_fit": settings.fraction_fit, "local_epochs": settings.local_epochs,
+        "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
+        "seed": settings.seed, "round_timeout": settings.round_timeout,
+        **settings.transport,
+        "data_dir": str(settings.data_dir), "results_dir": str(settings.results_dir),
+        "manifest_sha256": manifest_sha256,
+        "model": {name: "x".join(map(str, shape)) for name, shape in model.param_spec()},
+        "versions": {p: importlib.metadata.version(p) for p in ("flwr", "jax", "numpy")},
+        "resumed_after": [],
+    }
+
+
+def resume_state(settings: ServerSettings, config: dict,
+                 results: ResultsDir) -> tuple[list[dict], Arrays] | None:
+    """(records, global model) to resume from, after checking this run may resume that one.
+
+    Returns None if the saved run already has `rounds` rounds. Adds the resumed round to
+    config["resumed_after"].
+    """
+    try:
+        saved, records, arrays = results.load_checkpoint()
+    except ValueError as e:
+        raise SetupError(f"cannot resume: {e}") from e
+    try:
+        model.ndarrays_to_params(arrays)
+    except ValueError as e:
+        raise SetupError(f"cannot resume {settings.results_dir}: its model does not fit "
+                         f"model.py ({e})") from e
+    mismatch = resume_mismatch(saved, config)
+    if mismatch:
+        raise SetupError(f"cannot resume {settings.results_dir}: {mismatch}; resume with the "
+                         "same settings, or start a new run without --resume")
+    done = records[-1]["round"]
+    if done >= settings.rounds:
+        print(f"{settings.results_dir} already holds round {done} of {settings.rounds}; "
+              "raise --rounds to continue the run", flush=True)
+        return None
+    config["resumed_after"] = saved.get("resumed_after", []) + [done]
+    log(INFO, "resuming %s after round %d of %d", settings.results_dir, done, settings.rounds)
+    return records, arrays
+
+
+def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None:
+    """Check settings, load data, set up the results dir (fresh or resumed), build FedAvg.
+
+    Returns (strategy, rounds left to run), or None if a resumed run is already complete.
+    Raises SetupError or shards.DataError with a one-line message.
+    """
+    problem = settings.problem()
+    if problem:
+        raise SetupError(problem)
+    manifest = shards.load_manifest(settings.data_dir)
+    partitions = sorted(manifest["partitions"], key=lambda p: p["index"])
+    if settings.min_clients > len(partitions):
+        raise SetupError(f"min-clients {settings.min_clients}, but {settings.data_dir} has "
+                         f"only {len(partitions)} partitions (one client each)")
+    x_test, y_test = shards.load_test_set(shards.test_set_path(settings.data_dir))
+    config = run_config(settings, shards.manifest_sha256(settings.data_dir))
+    names = [name for name, _ in model.param_spec()]
+    results = ResultsDir(settings.results_dir, names)
+    if settings.resume:
+        resumed = resume_state(settings, config, results)
+        if resumed is None:
+            return None
+        records, arrays = resumed
+        done = records[-1]["round"]
+    else:
+        results.clear()  # a new run must not mix with an old run's model_round_*.npz
+        records, done = [], 0
+        arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
+    results.write_config(config)
+    return CheckedFedAvg(
+        initial_arrays=arrays, array_names=names,
+        shard_sizes=[p["num_train"] for p in partitions],
+        val_sizes=[p["num_val"] for p in partitions],
+        evaluate_fn=centralized_evaluator(x_test, y_test), results=results,
+        total_rounds=settings.rounds, min_clients=settings.min_clients,
+        fraction_fit=settings.fraction_fit, records=records,
+        fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
+                    "learning_rate": settings.learning_rate},
+    ), settings.rounds - done
