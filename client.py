@@ -73,6 +73,10 @@ class MnistClient(NumPyClient):
         model.params_to_ndarrays(trained)
         model.evaluate(params, self.data.x_val, self.data.y_val, self.eval_batch_size)
 
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """Which partition this client holds: the server samples clients by partition."""
+        return {"partition": self.partition}
+
     def fit(self, parameters: list[np.ndarray],
             config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         """Train the global model; return (weights, #training examples, metrics)."""

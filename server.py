@@ -14,9 +14,8 @@ Resume: --resume restarts from the newest round in --results-dir and numbers rou
 from there. Allowed to change: --rounds (to extend a run), --min-clients,
 --round-timeout, --address, --certificates and the directory paths. Everything else
 (seed, --fraction-fit, local-training settings, the data and the model) must match, or
-the server refuses. With --fraction-fit 1.0 (every client trains every round) a resumed
-run ends bit-identical to an uninterrupted one; with --fraction-fit < 1, which clients
-train is random (Flower samples with an unseeded random.sample), so it will not.
+the server refuses. A resumed run ends bit-identical to an uninterrupted one: which
+clients train in a round depends only on --seed, the round and the connected partitions.
 """
 
 import argparse
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     if certificates is None:
         log(INFO, "TLS is off: updates travel unencrypted (fine on one machine; "
             "see --certificates)")
-    client_manager = TimeoutClientManager(timeout=args.round_timeout)
+    client_manager = TimeoutClientManager(timeout=args.round_timeout, seed=args.seed)
     try:
         start_server(server_address=args.address, strategy=fedavg,
                      client_manager=client_manager, certificates=certificates,
@@ -96,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clients that must be connected before a round starts "
                         "(default: %(default)s, one per partition)")
     p.add_argument("--fraction-fit", type=float, default=1.0,
-                   help="fraction of connected clients that train each round; < 1 samples "
-                        "at random, so runs are not bit-reproducible (default: %(default)s)")
+                   help="fraction of connected clients that train (and evaluate) each round; "
+                        "< 1 samples them by --seed and round, reproducibly "
+                        "(default: %(default)s)")
     p.add_argument("--local-epochs", type=int, default=model.LOCAL_EPOCHS,
                    help="epochs each client trains per round (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=model.BATCH_SIZE,

@@ -58,6 +58,17 @@ def manifest_path(data_dir: PathLike) -> pathlib.Path:
     return pathlib.Path(data_dir) / "manifest.json"
 
 
+def resolve_dir(path: str) -> str:
+    """A run config's directory: absolute stays as it is, relative is from the working dir.
+
+    Under `flwr run` the app runs from a copy Flower installs under $FLWR_HOME/apps/, not
+    from your checkout, so a path is never taken relative to the app's files. The working
+    directory is the one the SuperLink was started in (for `flwr run` on a fresh local
+    SuperLink: where you ran it). Pass absolute paths when in doubt; demo.py always does.
+    """
+    return str(pathlib.Path(os.path.expanduser(path)).resolve())
+
+
 def check_examples(images: np.ndarray, labels: np.ndarray, what: str) -> None:
     """Raise DataError unless images are uint8 (N, 28, 28) and labels are ints (N,) in 0..9."""
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:

@@ -43,6 +43,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from federation.aggregation import Arrays, fedavg, weighted_mean
+from federation.client_manager import TimeoutClientManager
 from federation.results import ResultsDir
 from federation.validation import MAX_UPDATE_RATIO, validate_evaluation, validate_update
 
@@ -50,6 +51,14 @@ from federation.validation import MAX_UPDATE_RATIO, validate_evaluation, validat
 def print_progress(line: str) -> None:
     """The default progress sink: one line on stdout, flushed so pipes see it at once."""
     print(line, flush=True)
+
+
+def _sample(client_manager: ClientManager, num_clients: int, min_clients: int,
+            true_round: int, purpose: int) -> list[ClientProxy]:
+    """The round's clients: seeded by TimeoutClientManager, else Flower's random sample."""
+    if isinstance(client_manager, TimeoutClientManager):
+        return client_manager.sample_round(num_clients, min_clients, true_round, purpose)
+    return client_manager.sample(num_clients=num_clients, min_num_clients=min_clients)
 
 
 def _failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
@@ -90,11 +99,13 @@ class CheckedFedAvg(FedAvg):
           progress: receives one line per round.
         """
         super().__init__(
-            # Wait for min_clients, train on fraction_fit of those connected (at least one),
-            # evaluate on all of them.
-            fraction_fit=fraction_fit, fraction_evaluate=1.0,
+            # Wait for min_clients; train on fraction_fit of those connected (at least one)
+            # and evaluate on as many (all of them at 1.0), so that a round costs what its
+            # sampled clients cost, not what every connected client would.
+            fraction_fit=fraction_fit, fraction_evaluate=fraction_fit,
             min_fit_clients=max(1, int(fraction_fit * min_clients)),
-            min_evaluate_clients=min_clients, min_available_clients=min_clients,
+            min_evaluate_clients=max(1, int(fraction_fit * min_clients)),
+            min_available_clients=min_clients,
             initial_parameters=ndarrays_to_parameters(initial_arrays))
         self.array_names = list(array_names)
         self.shard_sizes, self.val_sizes = list(shard_sizes), list(val_sizes)
@@ -144,7 +155,7 @@ class CheckedFedAvg(FedAvg):
         true_round = self.offset + server_round
         self._global = parameters_to_ndarrays(parameters)
         sample_size, min_clients = self.num_fit_clients(client_manager.num_available())
-        clients = client_manager.sample(num_clients=sample_size, min_num_clients=min_clients)
+        clients = _sample(client_manager, sample_size, min_clients, true_round, purpose=0)
         # The round's clock starts once its clients are there, not while waiting for them.
         self._round = {"round": true_round, "start": time.perf_counter(),
                        "clients_sampled": len(clients)}
@@ -204,7 +215,8 @@ class CheckedFedAvg(FedAvg):
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Ask every connected client to evaluate the new global model on its validation split."""
         sample_size, min_clients = self.num_evaluation_clients(client_manager.num_available())
-        clients = client_manager.sample(num_clients=sample_size, min_num_clients=min_clients)
+        clients = _sample(client_manager, sample_size, min_clients,
+                          self.offset + server_round, purpose=1)
         evaluate_ins = EvaluateIns(parameters, {"server_round": self.offset + server_round})
         return [(client, evaluate_ins) for client in clients]
 

@@ -1,0 +1,81 @@
+"""The Flower ServerApp: the same FedAvg as server.py, run by `flwr run` on Flower's engines.
+
+`flwr run .` hands this app to a SuperLink, which runs it against the Simulation Engine
+(virtual clients on one machine) or the Deployment Engine (SuperNodes on other machines).
+Like server.py, it is a thin shell: it turns the run config ([tool.flwr.app.config] in
+pyproject.toml, overridden with `--run-config`) into a ServerSettings and leaves the rest
+(data checks, results directory, resume, CheckedFedAvg) to federation/server_setup.py.
+
+    flwr run . --run-config "num-server-rounds=10 data-dir='/abs/path/data'"
+"""
+
+from collections.abc import Mapping
+from logging import ERROR
+
+from flwr.common import Context, log
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from federation import shards
+from federation.client_manager import TimeoutClientManager
+from federation.server_setup import ServerSettings, SetupError, build_strategy
+
+# Run-config key -> (ServerSettings field, accepted types). The keys and defaults are in
+# pyproject.toml; a test checks that they equal server.py's.
+RUN_CONFIG_KEYS = {
+    "num-server-rounds": ("rounds", int),
+    "min-clients": ("min_clients", int),
+    "fraction-fit": ("fraction_fit", (int, float)),
+    "local-epochs": ("local_epochs", int),
+    "batch-size": ("batch_size", int),
+    "learning-rate": ("learning_rate", (int, float)),
+    "seed": ("seed", int),
+    "round-timeout": ("round_timeout", (int, float)),
+    "resume": ("resume", bool),
+    "data-dir": ("data_dir", str),
+    "results-dir": ("results_dir", str),
+}
+
+
+def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings:
+    """ServerSettings from the run config; SetupError on an unknown or ill-typed key."""
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    if unknown:
+        raise SetupError(f"unknown run-config key(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(RUN_CONFIG_KEYS)}")
+    values = {}
+    for key, (field, types) in RUN_CONFIG_KEYS.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        # bool is an int in Python: `num-server-rounds = true` must not pass as 1.
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            expected = types.__name__ if isinstance(types, type) else "number"
+            raise SetupError(f"run-config {key} = {value!r} must be a {expected}")
+        values[field] = float(value) if types == (int, float) else value
+    for field in ("data_dir", "results_dir"):
+        if field in values:
+            values[field] = shards.resolve_dir(values[field])
+    return ServerSettings(**values)
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    """Build the strategy and the round settings from the run config."""
+    try:
+        settings = settings_from_run_config(context.run_config)
+        built = build_strategy(settings)
+        if built is None:
+            raise SetupError(f"{settings.results_dir} already holds round {settings.rounds}; "
+                             "raise num-server-rounds to continue the run")
+    except (SetupError, shards.DataError) as e:
+        # One readable line first; the exception then makes Flower mark the run as failed
+        # (a SystemExit would end it as "completed").
+        log(ERROR, "server_app: error: %s", e)
+        raise SetupError(str(e)) from None
+    strategy, rounds_left = built
+    return ServerAppComponents(
+        strategy=strategy,
+        client_manager=TimeoutClientManager(settings.round_timeout, seed=settings.seed),
+        config=ServerConfig(num_rounds=rounds_left, round_timeout=settings.round_timeout))
+
+
+app = ServerApp(server_fn=server_fn)
