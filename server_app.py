@@ -49,8 +49,9 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings
         value = run_config[key]
         # bool is an int in Python: `num-server-rounds = true` must not pass as 1.
         if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
-            expected = types.__name__ if isinstance(types, type) else "number"
-            raise SetupError(f"run-config {key} = {value!r} must be a {expected}")
+            expected = {int: "an integer", bool: "true or false", str: "a string"}.get(
+                types, "a number")
+            raise SetupError(f"run-config {key} = {value!r} must be {expected}")
         values[field] = float(value) if types == (int, float) else value
     for field in ("data_dir", "results_dir"):
         if field in values:

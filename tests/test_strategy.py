@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from flwr.common import (Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+from flwr.common import (Code, EvaluateRes, FitRes, GetPropertiesRes, Status,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 
 from federation import aggregation, client_manager, results, strategy, validation
@@ -286,4 +286,62 @@ def test_fraction_fit_samples_a_fraction_but_waits_for_min_clients(tmp_path):
         evaluate_fn=lambda arrays: (0.0, 0.0), results=results.ResultsDir(tmp_path, NAMES),
         total_rounds=1, min_clients=10, fit_config={}, fraction_fit=0.5)
     assert s.num_fit_clients(10) == (5, 10)
-    assert s.num_evaluation_clients(10) == (10, 10)
+    # Evaluation is sampled like training, so a round costs what its sampled clients cost.
+    assert s.num_evaluation_clients(10) == (5, 10)
+
+
+class PartitionProxy(ClientProxy):
+    """A connected client that only answers get_properties, with its partition."""
+
+    def __init__(self, cid: str, partition: int) -> None:
+        super().__init__(cid)
+        self.partition, self.asked = partition, 0
+
+    def get_properties(self, ins, timeout, group_id):
+        self.asked += 1
+        return GetPropertiesRes(Status(Code.OK, ""), {"partition": self.partition})
+
+    def get_parameters(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+
+def _sampled_partitions(cids: list[str], seed: int, server_round: int, purpose: int = 0):
+    manager = client_manager.TimeoutClientManager(timeout=1.0, seed=seed)
+    proxies = [PartitionProxy(cid, partition) for partition, cid in enumerate(cids)]
+    for proxy in reversed(proxies):  # connection order must not matter either
+        manager.register(proxy)
+    picked = manager.sample_round(3, 10, server_round, purpose)
+    manager.sample_round(3, 10, server_round + 1, purpose)
+    assert all(p.asked == 1 for p in proxies)  # each client is asked once, not every round
+    return sorted(p.partition for p in picked)
+
+
+def test_sampling_depends_on_seed_round_and_partitions_not_on_connection_ids():
+    ids_a = [f"ipv4:127.0.0.1:{5000 + i}" for i in range(10)]
+    ids_b = [str(10**18 - 7 * i) for i in range(10)]  # SuperNode ids: random ints
+    def expected(seed, server_round, purpose=0):  # the documented rule, written out
+        rng = np.random.default_rng([seed, server_round, purpose])
+        return sorted(rng.choice(10, 3, replace=False).tolist())
+
+    assert _sampled_partitions(ids_a, 0, 1) == _sampled_partitions(ids_b, 0, 1) == expected(0, 1)
+    assert _sampled_partitions(ids_a, 0, 1, purpose=1) == expected(0, 1, 1)
+    assert _sampled_partitions(ids_a, 7, 3) == expected(7, 3)
+    rounds = {tuple(_sampled_partitions(ids_a, 0, r)) for r in range(1, 6)}
+    assert len(rounds) > 1  # a new sample every round
+
+
+def test_sampling_everyone_asks_no_one():
+    manager = client_manager.TimeoutClientManager(timeout=1.0, seed=0)
+    proxies = [PartitionProxy(str(i), i) for i in range(4)]
+    for proxy in proxies:
+        manager.register(proxy)
+    assert len(manager.sample_round(4, 4, 1)) == 4 and all(p.asked == 0 for p in proxies)

