@@ -13,6 +13,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import psutil
@@ -137,3 +138,77 @@ def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path
     assert run["status-details"] == f"Simulation failed with exception: {message}"
     assert f"server_app: error: {message}" in output
     assert not (tmp_path / "results").exists()  # nothing half-written
+
+
+# ------------------------------------------------------------------ Deployment Engine
+
+class Commands(Processes):
+    """Processes that also starts Flower's own commands (flower-superlink, ...)."""
+
+    def start_command(self, name: str, cmd: list, env: dict) -> subprocess.Popen:
+        """Run cmd with env; stdout -> name.out, stderr -> name.err."""
+        with open(self.log_dir / f"{name}.out", "wb") as out, \
+                open(self.log_dir / f"{name}.err", "wb") as err:
+            self.procs[name] = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env,
+                                                stdout=out, stderr=err)
+        return self.procs[name]
+
+
+def supernode_key(path: pathlib.Path) -> None:
+    """An ECDSA P-384 key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384` makes."""
+    from cryptography.hazmat.primitives import serialization as ser  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH,
+                                       ser.NoEncryption()))
+    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(
+        ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
+
+
+def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, tmp_path):
+    """SuperLink + 2 registered SuperNodes over TLS train 2 rounds; a third is refused."""
+    bin_dir = pathlib.Path(sys.executable).parent
+    subprocess.run([sys.executable, str(REPO / "make_certificates.py"), "--out-dir",
+                    str(tmp_path / "certs")], check=True, capture_output=True, timeout=60)
+    certs = tmp_path / "certs"
+    for i in range(3):
+        supernode_key(tmp_path / f"supernode_{i}")
+    port = free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0"}
+    (tmp_path / "flwr_home").mkdir()
+    (tmp_path / "flwr_home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
+    procs = Commands(tmp_path / "logs")
+    try:
+        procs.start_command("superlink", [
+            str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
+            "--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
+            "--enable-supernode-auth", "--port", port, "--database", tmp_path / "state.db",
+            "--disable-runtime-dependency-installation"], env)
+        for i in (0, 1):  # register two SuperNodes' public keys; retried until the link is up
+            deadline = time.monotonic() + 60
+            register = [FLWR, "supernode", "register", str(tmp_path / f"supernode_{i}.pub")]
+            while subprocess.run(register, env=env, capture_output=True,
+                                 timeout=60).returncode != 0:
+                assert time.monotonic() < deadline, procs.log("superlink")
+                time.sleep(0.5)
+        for i, partition in ((0, 0), (1, 1), (2, 0)):  # supernode_2 is not registered
+            procs.start_command(f"supernode_{i}", [
+                str(bin_dir / "flower-supernode"), "--root-certificates", certs / "ca.crt",
+                "--superlink", f"127.0.0.1:{port}", "--port", free_port(),
+                "--auth-supernode-private-key", tmp_path / f"supernode_{i}",
+                "--node-config", f"partition-id={partition} data-dir='{app_data}'"], env)
+        assert procs.wait("supernode_2", 60) != 0
+        assert "Failed to activate SuperNode" in procs.log("supernode_2")
+        done = subprocess.run(
+            [FLWR, "run", ".", "--stream", "--run-config",
+             f"num-server-rounds=2 min-clients=2 local-epochs=1 batch-size=32 "
+             f"data-dir='{app_data}' results-dir='{tmp_path / 'results'}'"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        procs.kill_all()
+    recs = records(tmp_path / "results")
+    assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [
+        (0, 0, 0), (1, 2, 0), (2, 2, 0)]
