@@ -27,11 +27,12 @@ from flwr.common import Scalar, log
 from flwr.common.logger import update_console_handler
 
 import model
-from federation import shards
+from federation import compile_cache, shards
 
 ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
 
 
+@jax.jit  # one small program instead of three (integer arithmetic: the same bits)
 def round_key(seed: int, server_round: int, partition: int) -> jax.Array:
     """The PRNG key of one client in one round: fresh per (round, partition), never reused."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), server_round), partition)
@@ -59,19 +60,14 @@ class MnistClient(NumPyClient):
     def warm_up(self, batch_size: int = model.BATCH_SIZE) -> None:
         """Compile local training and evaluation now rather than inside round 1.
 
-        XLA compiles once per process and input shape; doing it before joining keeps the
-        first round as fast as the others. It costs one epoch of throwaway training (the
-        round-0 key is never used for real rounds); a --batch-size from the server other
-        than this one compiles again in round 1.
+        XLA compiles once per process and input shape (or loads the program from the
+        persistent cache, federation/compile_cache.py). This compiles what fit() and
+        evaluate() run, without training: the training and evaluation steps on one
+        masked batch each (model.compile_steps), and this shard's shuffle. A --batch-size
+        from the server other than this one compiles again in round 1.
         """
-        init_key, train_key = jax.random.split(round_key(self.seed, 0, self.partition))
-        # Through the wire format, like the global model in fit().
-        params = model.ndarrays_to_params(model.params_to_ndarrays(model.init_params(init_key)))
-        trained, _ = model.train(params, self.data.x_train, self.data.y_train, epochs=1,
-                                 batch_size=batch_size, learning_rate=model.LEARNING_RATE,
-                                 key=train_key)
-        model.params_to_ndarrays(trained)
-        model.evaluate(params, self.data.x_val, self.data.y_val, self.eval_batch_size)
+        model.compile_steps(batch_size, self.eval_batch_size)
+        model.epoch_order(round_key(self.seed, 0, self.partition), 0, len(self.data.x_train))
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """Which partition this client holds: the server samples clients by partition."""
@@ -217,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root-certificate", metavar="FILE",
                    help="CA certificate (PEM) to verify a TLS server, e.g. certificates/ca.crt "
                         "from make_certificates.py (default: plaintext)")
+    p.add_argument("--jax-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache, shared by every process on this "
+                        f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
+                        f"{compile_cache.default_dir()})")
     return p.parse_args(argv)
 
 
@@ -232,10 +232,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"client.py: error: {e}")
     log(INFO, "partition %d: %d training / %d validation examples", args.partition,
         len(data.x_train), len(data.x_val))
+    cache = compile_cache.enable(args.jax_cache)
     client = MnistClient(data, args.partition, args.seed)
     start = time.perf_counter()
-    client.warm_up()
-    log(INFO, "compiled training and evaluation in %.1f s", time.perf_counter() - start)
+    with compile_cache.compiling("client warm-up"):
+        client.warm_up()
+    log(INFO, "compiled training and evaluation in %.1f s (JAX cache: %s)",
+        time.perf_counter() - start, cache or "off")
     try:
         run_client(client, args.server_address, certificate, args.max_wait)
     except ServerUnreachable as e:

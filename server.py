@@ -28,7 +28,7 @@ from flwr.common.logger import update_console_handler
 from flwr.server import ServerConfig, start_server
 
 import model
-from federation import shards
+from federation import compile_cache, shards
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
 from federation.server_setup import ServerSettings, SetupError, build_strategy
 
@@ -60,7 +60,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) the federation until --rounds are done."""
     certificates = load_certificates(args.certificates)
-    prepared = build_strategy(settings_from_args(args))
+    cache = compile_cache.enable(args.jax_cache)
+    log(INFO, "JAX compilation cache: %s", cache or "off")
+    with compile_cache.compiling("server start-up"):  # clients compile the shared eval too
+        prepared = build_strategy(settings_from_args(args))
+        model.compile_steps(eval_batch_size=model.EVAL_BATCH_SIZE)  # before round 0
     if prepared is None:
         return
     fedavg, rounds_left = prepared
@@ -119,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--certificates", metavar="DIR",
                    help="enable TLS with DIR/ca.crt, DIR/server.pem, DIR/server.key from "
                         "make_certificates.py (default: plaintext)")
+    p.add_argument("--jax-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache, shared by every process on this "
+                        f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
+                        f"{compile_cache.default_dir()})")
     args = p.parse_args(argv)
     problem = settings_from_args(args).problem()
     if problem:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from federation import aggregation, validation
+from federation import aggregation, compile_cache, validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PARTITIONS = 5  # in the test data; most runs use three clients (partitions 0-2)
@@ -88,10 +88,13 @@ class Processes:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """Let the many short-lived processes reuse each other's compiled XLA programs."""
-    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+def shared_compilation_cache(jax_cache_dir):
+    """Let the many short-lived processes reuse each other's compiled XLA programs.
+
+    Through the scripts' own mechanism (federation/compile_cache.py), in a directory of
+    this session rather than the user's cache.
+    """
+    ENV[compile_cache.ENV_VAR] = str(jax_cache_dir)  # made by conftest.py
 
 
 @pytest.fixture

@@ -1,0 +1,121 @@
+"""Compile once per machine, not once per process: JAX's persistent compilation cache.
+
+Every client.py and server.py is a fresh Python process, and XLA compiles a process's
+programs (the training step, evaluation, the shuffle, ...) the first time it runs them:
+seconds of CPU and ~100 MB of memory each time, ten times over when ten clients start
+together. JAX can keep compiled programs on disk (its persistent compilation cache,
+https://docs.jax.dev/en/latest/persistent_compilation_cache.html), so the second and
+later processes load them instead. This file turns that cache on, in one place for
+client.py, server.py, demo.py (through the environment of its children) and the tests:
+
+- where: ``--jax-cache DIR`` on each script, else the environment variable
+  ``FL_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/flower-jax-tutorial/jax`` (by default
+  ``~/.cache/flower-jax-tutorial/jax``). The value ``off`` turns the cache off.
+- what: every program, however small or quick to compile (JAX's own defaults skip
+  programs that compile in under a second, which is all of ours, one by one).
+- when ten processes start at once on a cold cache: ``compiling()`` is a file lock
+  (the ``filelock`` package; flock, so a crashed holder releases it) around a process's
+  compilation. The first process compiles and fills the cache while the others wait,
+  then each of them loads from the cache instead of compiling the same programs at once.
+
+The cache is keyed by JAX on the program, the jax/jaxlib version, the XLA flags and the
+machine's CPU, so a stale entry is never used; deleting the directory is always safe.
+Call ``enable`` before anything is compiled: JAX decides once per process whether to
+use the cache, at its first compilation.
+"""
+
+import contextlib
+import os
+import pathlib
+import time
+from collections.abc import Iterator
+from logging import INFO, WARNING
+
+ENV_VAR = "FL_JAX_CACHE_DIR"
+OFF = "off"
+LOCK_NAME = "compile.lock"
+LOCK_TIMEOUT = 300.0  # seconds; past that a waiting process compiles by itself
+
+_enabled: pathlib.Path | None = None
+
+
+def default_dir() -> pathlib.Path:
+    """The user-level default: $XDG_CACHE_HOME (or ~/.cache)/flower-jax-tutorial/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "flower-jax-tutorial" / "jax"
+
+
+def resolve(flag: str | None = None) -> pathlib.Path | None:
+    """The cache directory to use: the flag, else $FL_JAX_CACHE_DIR, else the default.
+
+    Returns None when the chosen value is "off" (or empty): no persistent cache.
+    """
+    value = flag if flag is not None else os.environ.get(ENV_VAR)
+    if value is None:
+        return default_dir()
+    if value.strip().lower() in (OFF, ""):
+        return None
+    return pathlib.Path(value).expanduser()
+
+
+def enable(flag: str | None = None) -> pathlib.Path | None:
+    """Point JAX's persistent cache at resolve(flag) and cache every program; returns the dir.
+
+    With "off" it sets nothing and returns None. A directory that cannot be created
+    turns the cache off with a warning rather than stopping the process.
+    """
+    global _enabled
+    import jax  # noqa: PLC0415  (demo.py uses resolve() without importing JAX)
+    from flwr.common import log  # noqa: PLC0415
+
+    directory = resolve(flag)
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log(WARNING, "JAX compilation cache off: cannot create %s (%s)", directory,
+                e.strerror)
+            directory = None
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        _enabled = None
+        return None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # Our programs each compile in 0.05-2 s and take 10-500 kB on disk: cache them all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _enabled = directory
+    return directory
+
+
+@contextlib.contextmanager
+def compiling(what: str = "compilation") -> Iterator[None]:
+    """Hold the cache directory's lock for the block (a no-op when the cache is off).
+
+    Processes that start together take turns: the first compiles and writes the cache,
+    the next ones find the programs there. A lock not obtained within LOCK_TIMEOUT
+    seconds (a holder stuck for some reason) is skipped with a warning.
+    """
+    if _enabled is None:
+        yield
+        return
+    import filelock  # noqa: PLC0415
+    from flwr.common import log  # noqa: PLC0415
+
+    lock = filelock.FileLock(_enabled / LOCK_NAME, timeout=LOCK_TIMEOUT)
+    start = time.monotonic()
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        log(WARNING, "%s: %s still locked after %g s; compiling without it", what,
+            lock.lock_file, LOCK_TIMEOUT)
+        yield
+        return
+    try:
+        waited = time.monotonic() - start
+        if waited > 0.5:
+            log(INFO, "%s: waited %.1f s for another process to fill the cache", what, waited)
+        yield
+    finally:
+        lock.release()
