@@ -15,7 +15,7 @@ from logging import ERROR
 from flwr.common import Context, log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
-from federation import shards
+from federation import compile_cache, shards
 from federation.client_manager import TimeoutClientManager
 from federation.server_setup import ServerSettings, SetupError, build_strategy
 
@@ -61,6 +61,7 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings
 
 def server_fn(context: Context) -> ServerAppComponents:
     """Build the strategy and the round settings from the run config."""
+    compile_cache.enable()  # $FL_JAX_CACHE_DIR, else the user-level default
     try:
         settings = settings_from_run_config(context.run_config)
         built = build_strategy(settings)
