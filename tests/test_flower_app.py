@@ -212,3 +212,20 @@ def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, 
     recs = records(tmp_path / "results")
     assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [
         (0, 0, 0), (1, 2, 0), (2, 2, 0)]
+
+
+@pytest.mark.parametrize("engine", ["simulation", "deployment"])
+def test_demo_runs_the_app_on_each_engine_and_cleans_up(app_data, tmp_path, engine):
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
+         "--rounds", "1", "--data-dir", str(app_data), "--results-dir", str(tmp_path / "r"),
+         "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    recs = records(tmp_path / "r")
+    assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [(0, 0, 0), (1, 2, 0)]
+    assert recs[-1]["centralized_accuracy"] > 0.5  # it learned (chance is 0.1)
+    assert "round 1/1  accuracy" in done.stdout and (tmp_path / "r" / "accuracy.png").is_file()
+    leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                 if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
