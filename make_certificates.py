@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "several (default: localhost and 127.0.0.1)")
     p.add_argument("--days", type=int, default=365,
                    help="validity of both certificates in days (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace certificates already in --out-dir (clients holding the old "
+                        "ca.crt can no longer connect)")
     args = p.parse_args(argv)
     args.host = args.host or ["localhost", "127.0.0.1"]
     if args.days < 1:
@@ -137,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Write the certificates and say where they went."""
     args = parse_args(argv)
+    existing = [name for name in ("ca.crt", "ca.key", "server.pem", "server.key")
+                if (pathlib.Path(args.out_dir) / name).exists()]
+    if existing and not args.force:
+        sys.exit(f"make_certificates.py: error: {args.out_dir} already holds "
+                 f"{', '.join(existing)}; a new CA would lock out clients that hold the old "
+                 "ca.crt: pass --force to replace them, or choose another --out-dir")
     try:
         write_certificates(args.out_dir, args.host, args.days)
     except OSError as e:

@@ -136,6 +136,17 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
     return out_path
 
 
+def out_problem(out_path: pathlib.Path) -> str | None:
+    """Why the PNG cannot be written to out_path (one line), or None. Reads only."""
+    if out_path.is_dir():
+        return f"--out {out_path} is a directory; name the PNG file to write"
+    for parent in out_path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else (
+                f"--out {out_path}: {parent} is a file, not a directory")
+    return None
+
+
 def default_out_path(results_dirs: list[pathlib.Path]) -> pathlib.Path:
     """DIR/accuracy.png for one run; results/comparison.png when comparing several."""
     return results_dirs[0] / SINGLE_RUN_PNG if len(results_dirs) == 1 else DEFAULT_COMPARISON_PNG
@@ -159,9 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     labels = args.labels or [d.resolve().name for d in args.results_dirs]
     if len(labels) != len(args.results_dirs):
         sys.exit(f"plot_results.py: error: {len(labels)} labels for {len(args.results_dirs)} directories")
+    out_path = args.out or default_out_path(args.results_dirs)
+    problem = out_problem(out_path)
+    if problem:
+        sys.exit(f"plot_results.py: error: {problem}")
     try:
         runs = [(label, load_metrics(d)) for label, d in zip(labels, args.results_dirs)]
-        out_path = plot_runs(runs, args.out or default_out_path(args.results_dirs))
+        out_path = plot_runs(runs, out_path)
     except (ResultsError, OSError) as e:
         sys.exit(f"plot_results.py: error: {e}")
     print(f"wrote {out_path}")

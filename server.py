@@ -10,6 +10,10 @@ server_setup.py, which server_app.py shares); this file is the command line arou
     python server.py                        # 5 rounds, waits for 10 clients on port 8080
     python server.py --rounds 8 --resume    # continue a stopped (or finished) run
 
+A new run refuses a --results-dir that already holds one (continue it with --resume, or
+replace it with --overwrite); nothing there changes until the server is listening.
+SIGINT/SIGTERM stop the server with exit status 130/143, naming the last saved round.
+
 Resume: --resume restarts from the newest round in --results-dir and numbers rounds on
 from there. Allowed to change: --rounds (to extend a run), --min-clients,
 --round-timeout, --address, --certificates and the directory paths. Everything else
@@ -19,18 +23,28 @@ clients train in a round depends only on --seed, the round and the connected par
 """
 
 import argparse
+import logging
 import pathlib
+import signal
 import sys
 from logging import INFO
 
 from flwr.common import log
 from flwr.common.logger import update_console_handler
-from flwr.server import ServerConfig, start_server
+from flwr.server import Server, ServerConfig, start_server
+from flwr.server.history import History
+from flwr.supercore.address import parse_address
 
 import model
 from federation import compile_cache, shards
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
-from federation.server_setup import ServerSettings, SetupError, build_strategy
+from federation.server_setup import (
+    ServerSettings,
+    SetupError,
+    TrueRoundLogFilter,
+    build_strategy,
+)
+from federation.strategy import CheckedFedAvg
 
 CERTIFICATE_FILES = ("ca.crt", "server.pem", "server.key")  # as make_certificates.py writes
 
@@ -47,6 +61,39 @@ def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | Non
     return tuple(p.read_bytes() for p in paths)  # type: ignore[return-value]
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived during the run; args[0] is the signal number."""
+
+    saved = "no round was saved"  # set by run(), which knows the strategy
+
+
+class InterruptibleServer(Server):
+    """Flower's Server, but SIGINT/SIGTERM stop it with an exception, not exit status 0.
+
+    start_server installs handlers that log "terminated gracefully" and exit 0, the same
+    as a finished run, and offers no way to change that; it calls fit() after installing
+    them, so the handlers set here replace them for the whole run.
+    """
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        """Run the rounds with our signal handlers in place."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._interrupt)
+        return super().fit(num_rounds, timeout)
+
+    def _interrupt(self, signum: int, _frame: object) -> None:
+        """Close every client stream (so no round waits on one), then unwind the run."""
+        self.client_manager().disconnect_all()
+        raise Interrupted(signum)
+
+
+def last_saved(strategy: CheckedFedAvg) -> str:
+    """E.g. "round 2 is the last saved round" (for messages when the server stops)."""
+    if not strategy.records:
+        return "no round was saved"
+    return f"round {strategy.records[-1]['round']} is the last saved round"
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """The run's settings from the command line (the transport's own flags recorded aside)."""
     return ServerSettings(
@@ -54,6 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, round_timeout=args.round_timeout,
         data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
+        overwrite=args.overwrite,
         transport={"address": args.address, "certificates": args.certificates})
 
 
@@ -71,15 +119,30 @@ def run(args: argparse.Namespace) -> None:
     if certificates is None:
         log(INFO, "TLS is off: updates travel unencrypted (fine on one machine; "
             "see --certificates)")
-    client_manager = TimeoutClientManager(timeout=args.round_timeout, seed=args.seed)
+    client_manager = TimeoutClientManager(timeout=args.round_timeout,
+                                          num_partitions=len(fedavg.shard_sizes), seed=args.seed)
+    server = InterruptibleServer(client_manager=client_manager, strategy=fedavg)
+    round_filter = TrueRoundLogFilter(fedavg.offset)
+    logging.getLogger("flwr").addFilter(round_filter)
     try:
-        start_server(server_address=args.address, strategy=fedavg,
-                     client_manager=client_manager, certificates=certificates,
+        start_server(server_address=args.address, server=server, certificates=certificates,
                      config=ServerConfig(num_rounds=rounds_left,
                                          round_timeout=args.round_timeout))
+    except SystemExit as e:  # start_server exits with a bare message if the port is taken
+        if isinstance(e.code, str):
+            raise SetupError(e.code.strip().rstrip(".").replace("Port", "port", 1)) from e
+        raise
+    except Interrupted as e:
+        e.saved = last_saved(fedavg)
+        raise
     except NotEnoughClients as e:
-        raise SetupError(f"stopping after round {fedavg.records[-1]['round']}: {e}") from e
+        # Tell the clients still connected that the run is over (as Flower does at the
+        # end of a finished run), or they would wait --max-wait for a server that is gone.
+        server.disconnect_all_clients(timeout=5)
+        raise SetupError(f"stopping: {e}; {last_saved(fedavg)} "
+                         "(continue with --resume)") from e
     finally:
+        logging.getLogger("flwr").removeFilter(round_filter)
         # start_server leaves its gRPC server running when it raises: close the clients'
         # streams, or the threads serving them would keep this process from exiting.
         client_manager.disconnect_all()
@@ -120,6 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "to be connected before giving up (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --results-dir from its newest round")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --results-dir (its metrics and models "
+                        "are deleted once this server is listening); without it, a "
+                        "directory that holds a run is refused")
     p.add_argument("--certificates", metavar="DIR",
                    help="enable TLS with DIR/ca.crt, DIR/server.pem, DIR/server.key from "
                         "make_certificates.py (default: plaintext)")
@@ -128,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
                         f"{compile_cache.default_dir()})")
     args = p.parse_args(argv)
+    address = parse_address(args.address)
+    if address is None or not 0 < address[1] < 65536:
+        p.error(f"--address {args.address!r} is not HOST:PORT with a port from 1 to 65535")
     problem = settings_from_args(args).problem()
     if problem:
         p.error(f"--{problem}")
@@ -135,13 +205,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse flags and run the server; one line on stderr and exit 1 on failure."""
+    """Parse flags and run the server; one line on stderr, exit 1 on failure, 128+N on signal N."""
     args = parse_args(argv)
     update_console_handler(colored=sys.stderr.isatty())  # no escape codes in log files
     try:
         run(args)
     except (SetupError, shards.DataError) as e:
         sys.exit(f"server.py: error: {e}")
+    except KeyboardInterrupt:  # before the server was up: nothing was written
+        print("server.py: interrupted before the server started", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # e.g. the results directory became unwritable
+        sys.exit(f"server.py: error: {e}")
+    except Interrupted as e:
+        signum = e.args[0]
+        print(f"server.py: stopped by {signal.Signals(signum).name}; {e.saved} in "
+              f"{args.results_dir} (continue with --resume)", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ RUN_CONFIG_KEYS = {
     "seed": ("seed", int),
     "round-timeout": ("round_timeout", (int, float)),
     "resume": ("resume", bool),
+    "overwrite": ("overwrite", bool),
     "data-dir": ("data_dir", str),
     "results-dir": ("results_dir", str),
 }

@@ -23,6 +23,9 @@ METRIC_FIELDS = (
     "federated_accuracy", "train_loss", "train_accuracy", "clients_sampled", "clients_fit",
     "failures", "evaluate_failures", "round_seconds", "bytes_received")
 
+# Files a run writes (besides model_round_<r>.npz); their presence means the directory holds a run.
+RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz")
+
 # run_config.json keys that define the computation: a resumed run must match them all.
 # Everything else may change on --resume: --rounds (to extend a run), --min-clients and
 # --round-timeout (liveness policy), --address, --certificates and the directory paths.
@@ -84,13 +87,38 @@ class ResultsDir:
         """Where the global model after `server_round` is saved."""
         return self.root / f"model_round_{server_round}.npz"
 
+    def problem(self) -> str | None:
+        """Why this path cannot be a results directory (one line), or None. Reads only."""
+        for path in (self.root, *self.root.parents):
+            if path.exists():
+                if not path.is_dir():
+                    return (f"{self.root} cannot be a directory: {path} is a file"
+                            if path != self.root else f"{self.root} is a file, not a directory")
+                if not os.access(path, os.W_OK | os.X_OK):
+                    return f"{path} is not writable"
+                return None
+        return None
+
+    def run_files(self) -> list[pathlib.Path]:
+        """The files of a run in this directory (empty if it holds none)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir()
+                      if p.name in RUN_FILES or p.match("model_round_*.npz"))
+
     def clear(self) -> None:
-        """Remove the files a previous run left (only the ones this class writes)."""
+        """Remove the files a previous run left: the ones this class writes, and the plot
+        drawn from them (plot_results.py's accuracy.png), which would show the old run."""
         self.root.mkdir(parents=True, exist_ok=True)
-        stale = [self.root / n for n in ("metrics.json", "metrics.csv", "run_config.json",
-                                         "global_model.npz")]
-        for path in stale + list(self.root.glob("model_round_*.npz")):
+        for path in self.run_files() + [self.root / "accuracy.png"]:
             path.unlink(missing_ok=True)
+
+    def begin(self, config: Mapping | None, clear: bool) -> None:
+        """Start writing a run: clear the old one's files if asked, write run_config.json."""
+        if clear:
+            self.clear()
+        if config is not None:
+            self.write_config(config)
 
     def write_config(self, config: Mapping) -> None:
         """Write run_config.json."""

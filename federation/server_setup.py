@@ -9,6 +9,7 @@ resumed) and build the `CheckedFedAvg` strategy.
 
 import dataclasses
 import importlib.metadata
+import logging
 from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
@@ -43,6 +44,7 @@ class ServerSettings:
     data_dir: str = "data"
     results_dir: str = "results"
     resume: bool = False                # continue the run in results_dir from its newest round
+    overwrite: bool = False             # replace a run already in results_dir
     # Settings of the transport (address, certificates, ...): recorded, never compared.
     transport: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -56,6 +58,8 @@ class ServerSettings:
         for name in ("learning_rate", "round_timeout"):
             if not getattr(self, name) > 0:
                 return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+        if self.resume and self.overwrite:
+            return "resume and --overwrite contradict each other: choose one"
         return None
 
 
@@ -103,7 +107,7 @@ def resume_state(settings: ServerSettings, config: dict,
     mismatch = resume_mismatch(saved, config)
     if mismatch:
         raise SetupError(f"cannot resume {settings.results_dir}: {mismatch}; resume with the "
-                         "same settings, or start a new run without --resume")
+                         "same settings, or start a new run with --overwrite")
     done = records[-1]["round"]
     if done >= settings.rounds:
         print(f"{settings.results_dir} already holds round {done} of {settings.rounds}; "
@@ -132,6 +136,14 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
     config = run_config(settings, shards.manifest_sha256(settings.data_dir))
     names = [name for name, _ in model.param_spec()]
     results = ResultsDir(settings.results_dir, names)
+    problem = results.problem()
+    if problem:
+        raise SetupError(f"--results-dir: {problem}")
+    if not settings.resume and not settings.overwrite and results.run_files():
+        raise SetupError(f"{settings.results_dir} already holds a run: continue it with "
+                         "--resume, replace it with --overwrite, or choose another "
+                         "--results-dir")
+    # Nothing is written here: the strategy sets up the directory once the server is up.
     if settings.resume:
         resumed = resume_state(settings, config, results)
         if resumed is None:
@@ -139,10 +151,8 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         records, arrays = resumed
         done = records[-1]["round"]
     else:
-        results.clear()  # a new run must not mix with an old run's model_round_*.npz
         records, done = [], 0
         arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
-    results.write_config(config)
     return CheckedFedAvg(
         initial_arrays=arrays, array_names=names,
         shard_sizes=[p["num_train"] for p in partitions],
@@ -152,4 +162,23 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         fraction_fit=settings.fraction_fit, records=records,
         fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
                     "learning_rate": settings.learning_rate},
+        run_config=config, round_timeout=settings.round_timeout,
     ), settings.rounds - done
+
+
+class TrueRoundLogFilter(logging.Filter):
+    """Makes Flower's "[ROUND k]" log line say the run's round, offset + k, when resuming.
+
+    Flower's Server.fit numbers the rounds it runs from 1; after resuming from round r
+    the strategy adds r (CheckedFedAvg.offset), and so does this filter for the log.
+    """
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the round number of Flower's per-round lines; keep every record."""
+        if record.msg in ("[ROUND %s]", "fit progress: (%s, %s, %s, %s)") and record.args:
+            record.args = (self.offset + int(record.args[0]), *record.args[1:])
+        return True

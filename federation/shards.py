@@ -93,6 +93,8 @@ def check_examples(images: np.ndarray, labels: np.ndarray, what: str) -> None:
 def read_npz(path: PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Load the named arrays from an .npz archive, turning every failure into DataError."""
     try:
+        if not pathlib.Path(path).exists():
+            raise FileNotFoundError(path)
         # np.load would try anything that is not a zip archive as a pickle.
         if not zipfile.is_zipfile(path):
             raise DataError(f"{path}: not an .npz archive")

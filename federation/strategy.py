@@ -16,8 +16,10 @@ that server.py (flwr.server.start_server) and a later ServerApp can share it:
 3. Results (results.py): after every round the global model and the metrics are
    written atomically to the results directory, which is also the checkpoint a
    stopped run resumes from.
-4. Liveness (client_manager.py): a client manager that gives up after a timeout
-   instead of Flower's 24 h.
+4. Liveness (client_manager.py): a client manager that admits only clients that say
+   which partition they train, and gives up after a timeout instead of Flower's 24 h.
+   --min-clients decides when a round may start; a round that has started is recorded
+   and saved with whichever clients are left (evaluation does not wait for more).
 """
 
 import math
@@ -53,21 +55,26 @@ def print_progress(line: str) -> None:
     print(line, flush=True)
 
 
-def _sample(client_manager: ClientManager, num_clients: int, min_clients: int,
-            true_round: int, purpose: int) -> list[ClientProxy]:
-    """The round's clients: seeded by TimeoutClientManager, else Flower's random sample."""
-    if isinstance(client_manager, TimeoutClientManager):
-        return client_manager.sample_round(num_clients, min_clients, true_round, purpose)
-    return client_manager.sample(num_clients=num_clients, min_num_clients=min_clients)
-
-
 def _failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
     """A readable reason for something Flower put in `failures`."""
     if isinstance(failure, BaseException):
         if type(failure).__name__ == "GrpcBridgeClosed":
-            return "connection closed (client stopped, crashed or exceeded --round-timeout)"
+            return "connection closed"
         return f"{type(failure).__name__}: {failure}"
     return f"status {failure[1].status.code.name}: {failure[1].status.message}"
+
+
+def _sample(client_manager: ClientManager, num_clients: int, min_clients: int,
+            true_round: int) -> list[ClientProxy]:
+    """The round's trainers: seeded by TimeoutClientManager, else Flower's random sample."""
+    if isinstance(client_manager, TimeoutClientManager):
+        return client_manager.sample_round(num_clients, min_clients, true_round)
+    return client_manager.sample(num_clients=num_clients, min_num_clients=min_clients)
+
+
+def _partition_of(client_manager: ClientManager | None, proxy: ClientProxy) -> int | None:
+    """The partition a client said it trains (TimeoutClientManager), else None."""
+    return getattr(client_manager, "partition", lambda _: None)(proxy)
 
 
 class CheckedFedAvg(FedAvg):
@@ -83,7 +90,9 @@ class CheckedFedAvg(FedAvg):
                  results: ResultsDir, total_rounds: int, min_clients: int,
                  fit_config: Mapping[str, Scalar], fraction_fit: float = 1.0,
                  records: Sequence[dict] = (), max_update_ratio: float = MAX_UPDATE_RATIO,
-                 progress: Callable[[str], None] = print_progress) -> None:
+                 progress: Callable[[str], None] = print_progress,
+                 run_config: Mapping | None = None,
+                 round_timeout: float | None = None) -> None:
         """Args:
           initial_arrays: the global model to start from (round 0, or the resumed round).
           array_names: one name per array, for checkpoints and messages.
@@ -97,11 +106,13 @@ class CheckedFedAvg(FedAvg):
           records: metric records of the rounds already done (when resuming).
           max_update_ratio: see validate_update.
           progress: receives one line per round.
+          run_config: written to run_config.json when the run starts (None: not written).
+          round_timeout: the server's --round-timeout, to tell a timeout from a crash.
         """
         super().__init__(
-            # Wait for min_clients; train on fraction_fit of those connected (at least one)
-            # and evaluate on as many (all of them at 1.0), so that a round costs what its
-            # sampled clients cost, not what every connected client would.
+            # Wait for min_clients, train on fraction_fit of those connected (at least one),
+            # evaluate on as many of whoever is still connected (configure_evaluate): a
+            # round costs what its sampled clients cost, not what every client would.
             fraction_fit=fraction_fit, fraction_evaluate=fraction_fit,
             min_fit_clients=max(1, int(fraction_fit * min_clients)),
             min_evaluate_clients=max(1, int(fraction_fit * min_clients)),
@@ -117,8 +128,13 @@ class CheckedFedAvg(FedAvg):
         self.max_update_ratio = max_update_ratio
         self.progress = progress
         self.offset = self.records[-1]["round"] if self.records else 0  # rounds already done
+        self.run_config = run_config
+        self.round_timeout = round_timeout
         self._global: Arrays = list(initial_arrays)
         self._round: dict = {}
+        self._sampled: list[ClientProxy] = []
+        self._client_manager: ClientManager | None = None
+        self._round_clock = 0.0
 
     def __repr__(self) -> str:
         return (f"CheckedFedAvg(min_clients={self.min_available_clients}, "
@@ -129,9 +145,11 @@ class CheckedFedAvg(FedAvg):
     def evaluate(self, server_round: int,
                  parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         """Centralized evaluation of the global model on the server's test set."""
+        if server_round == 0:
+            # Flower calls this once the server is up (its port bound): only now may the
+            # results directory change, so a server that fails to start leaves it alone.
+            self.results.begin(self.run_config, clear=not self.records)
         if server_round == 0 and self.offset:
-            log(INFO, "resuming after round %d: Flower's [ROUND k] below is round %d + k",
-                self.offset, self.offset)
             return None
         arrays = parameters_to_ndarrays(parameters)
         start = time.perf_counter()
@@ -155,10 +173,12 @@ class CheckedFedAvg(FedAvg):
         true_round = self.offset + server_round
         self._global = parameters_to_ndarrays(parameters)
         sample_size, min_clients = self.num_fit_clients(client_manager.num_available())
-        clients = _sample(client_manager, sample_size, min_clients, true_round, purpose=0)
+        clients = _sample(client_manager, sample_size, min_clients, true_round)
         # The round's clock starts once its clients are there, not while waiting for them.
         self._round = {"round": true_round, "start": time.perf_counter(),
                        "clients_sampled": len(clients)}
+        self._sampled, self._client_manager = list(clients), client_manager
+        self._round_clock = time.monotonic()  # the clock of --round-timeout (see _lost_reason)
         fit_ins = FitIns(parameters, {**self.fit_config, "server_round": true_round})
         return [(client, fit_ins) for client in clients]
 
@@ -166,8 +186,7 @@ class CheckedFedAvg(FedAvg):
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate each update, then FedAvg the accepted ones in partition order."""
         true_round = self.offset + server_round
-        for failure in failures:
-            log(WARNING, "round %d: a client failed: %s", true_round, _failure_reason(failure))
+        self._log_failures(true_round, "failed", results, failures)
         accepted: dict[int, tuple[Arrays, int, Mapping]] = {}
         rejected = 0
         for _, res in results:
@@ -211,14 +230,58 @@ class CheckedFedAvg(FedAvg):
 
     # -- federated evaluation, end of round
 
+    def _log_failures(self, true_round: int, what: str, results: list,
+                      failures: list) -> None:
+        """One warning per failed client, naming its partition and timeout vs. crash."""
+        answered = {id(f[0]) for f in results + failures if isinstance(f, tuple)}
+        lost = [c for c in self._sampled if id(c) not in answered]
+        errors = [f for f in failures if isinstance(f, BaseException)]
+        for failure in failures:
+            if isinstance(failure, tuple) or len(lost) != len(errors):
+                log(WARNING, "round %d: a client %s: %s", true_round, what,
+                    _failure_reason(failure))
+        if len(lost) == len(errors):
+            for proxy in lost:
+                log(WARNING, "round %d: partition %s %s: %s", true_round,
+                    _partition_of(self._client_manager, proxy), what, self._lost_reason(proxy))
+
+    def _lost_reason(self, proxy: ClientProxy) -> str:
+        """Why a client sent nothing: it timed out, or its connection closed earlier."""
+        left_at = getattr(self._client_manager, "left_at", lambda _: None)(proxy)
+        if (left_at is not None and self.round_timeout is not None
+                and left_at - self._round_clock >= self.round_timeout):
+            return (f"no answer within --round-timeout ({self.round_timeout:g} s); "
+                    "the server closed its connection")
+        return "connection closed (the client stopped or crashed)"
+
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Ask every connected client to evaluate the new global model on its validation split."""
-        sample_size, min_clients = self.num_evaluation_clients(client_manager.num_available())
-        clients = _sample(client_manager, sample_size, min_clients,
-                          self.offset + server_round, purpose=1)
+        """Ask the clients still connected (fraction_fit of them, seeded) to evaluate the new
+        model on their validation split.
+
+        This does not wait for --min-clients: the round has aggregated, and it is
+        recorded with whoever is left. Partitions without validation examples are not
+        asked; if nobody is asked, the round is recorded here (Flower then skips
+        aggregate_evaluate).
+        """
+        clients = [c for c in client_manager.all().values()
+                   if self._has_validation(_partition_of(client_manager, c))]
+        if isinstance(client_manager, TimeoutClientManager):  # the seeded fraction of them
+            clients = client_manager.pick(clients, self.num_evaluation_clients(len(clients))[0],
+                                          self.offset + server_round, purpose=1)
+        self._sampled, self._client_manager = clients, client_manager
+        self._round_clock = time.monotonic()
+        if not clients:
+            self._finish_round(dict(self._round, federated_loss=None, federated_accuracy=None,
+                                    evaluate_failures=0))
+            return []
         evaluate_ins = EvaluateIns(parameters, {"server_round": self.offset + server_round})
         return [(client, evaluate_ins) for client in clients]
+
+    def _has_validation(self, partition: int | None) -> bool:
+        """Whether a partition has validation examples (unknown partitions: assume so)."""
+        return partition is None or not 0 <= partition < len(self.val_sizes) or (
+            self.val_sizes[partition] > 0)
 
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],
@@ -226,9 +289,7 @@ class CheckedFedAvg(FedAvg):
         """Average validation loss/accuracy by examples, then record and save the round."""
         true_round = self.offset + server_round
         valid = {}
-        for failure in failures:
-            log(WARNING, "round %d: a client failed to evaluate: %s", true_round,
-                _failure_reason(failure))
+        self._log_failures(true_round, "failed to evaluate", results, failures)
         for _, res in results:
             reason = validate_evaluation(res.loss, res.num_examples, res.metrics, self.val_sizes)
             if reason is None and res.metrics["partition"] in valid:
@@ -241,14 +302,14 @@ class CheckedFedAvg(FedAvg):
         ordered = [valid[p] for p in sorted(valid)]
         loss = weighted_mean([(r.loss, r.num_examples) for r in ordered])
         accuracy = weighted_mean([(float(r.metrics["accuracy"]), r.num_examples) for r in ordered])
-        record = dict(self._round, federated_loss=loss, federated_accuracy=accuracy,
-                      evaluate_failures=len(failures) + len(results) - len(ordered))
-        record["round_seconds"] = round(time.perf_counter() - record.pop("start"), 3)
-        self._finish_round(record)
+        self._finish_round(dict(self._round, federated_loss=loss, federated_accuracy=accuracy,
+                                evaluate_failures=len(failures) + len(results) - len(ordered)))
         return loss, ({} if accuracy is None else {"accuracy": accuracy})
 
     def _finish_round(self, record: dict) -> None:
         """Append the round's record, save model + metrics, print the progress line."""
+        if "start" in record:
+            record["round_seconds"] = round(time.perf_counter() - record.pop("start"), 3)
         self.records.append(record)
         self.results.save_round(self.records, self._global)
         self.progress(progress_line(record, self.total_rounds))

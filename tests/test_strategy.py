@@ -151,12 +151,26 @@ def test_load_checkpoint_explains_what_is_missing(tmp_path):
         results.ResultsDir(tmp_path, NAMES).load_checkpoint()
 
 
-def test_clear_removes_only_run_files(tmp_path):
+def test_clear_removes_the_run_and_its_plot_only(tmp_path):
     rdir = results.ResultsDir(tmp_path, NAMES)
     rdir.save_round([{"round": 0}], _update(1.0))
-    (tmp_path / "accuracy.png").write_bytes(b"png")
+    (tmp_path / "accuracy.png").write_bytes(b"png")  # drawn from the old run: stale
+    (tmp_path / "logs").mkdir()                      # demo.py's logs of the new run
+    (tmp_path / "notes.txt").write_text("mine")
+    assert [p.name for p in rdir.run_files()] == [
+        "global_model.npz", "metrics.csv", "metrics.json", "model_round_0.npz"]
     rdir.clear()
-    assert [p.name for p in tmp_path.iterdir()] == ["accuracy.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "notes.txt"]
+    assert rdir.run_files() == []
+
+
+def test_results_dir_problem_names_the_file_in_the_way(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert results.ResultsDir(tmp_path / "new/sub", NAMES).problem() is None
+    assert results.ResultsDir(tmp_path / "file", NAMES).problem() == (
+        f"{tmp_path}/file is a file, not a directory")
+    assert results.ResultsDir(tmp_path / "file/sub/deeper", NAMES).problem() == (
+        f"{tmp_path}/file/sub/deeper cannot be a directory: {tmp_path}/file is a file")
 
 
 def test_resume_mismatch_names_the_setting():
