@@ -9,6 +9,7 @@ pyproject.toml, overridden with `--run-config`) into a ServerSettings and leaves
     flwr run . --run-config "num-server-rounds=10 data-dir='/abs/path/data'"
 """
 
+import logging
 from collections.abc import Mapping
 from logging import ERROR
 
@@ -17,7 +18,8 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from federation import compile_cache, shards
 from federation.client_manager import TimeoutClientManager
-from federation.server_setup import ServerSettings, SetupError, build_strategy
+from federation.server_setup import (ServerSettings, SetupError, TrueRoundLogFilter,
+                                     build_strategy)
 
 # Run-config key -> (ServerSettings field, accepted types). The keys and defaults are in
 # pyproject.toml; a test checks that they equal server.py's.
@@ -75,6 +77,7 @@ def server_fn(context: Context) -> ServerAppComponents:
         log(ERROR, "server_app: error: %s", e)
         raise SetupError(str(e)) from None
     strategy, rounds_left = built
+    logging.getLogger("flwr").addFilter(TrueRoundLogFilter(strategy.offset))  # resumed runs
     return ServerAppComponents(
         strategy=strategy,
         client_manager=TimeoutClientManager(settings.round_timeout, seed=settings.seed),
