@@ -161,22 +161,22 @@ class ServerUnreachable(Exception):
     """No gRPC connection to the server could be made within --max-wait."""
 
 
-class ConnectionRefused(Exception):
+class ConnectionProblem(Exception):
     """The server cannot be used with these settings (TLS mismatch, refused partition)."""
 
 
 def load_root_certificate(path: str) -> bytes:
-    """The PEM CA certificate at path; ConnectionRefused (one line) if it is not one."""
+    """The PEM CA certificate at path; ConnectionProblem (one line) if it is not one."""
     try:
         pem = pathlib.Path(path).read_bytes()
     except OSError as e:
-        raise ConnectionRefused(f"--root-certificate: {e.strerror}: {path}") from None
+        raise ConnectionProblem(f"--root-certificate: {e.strerror}: {path}") from None
     try:
         if b"-----BEGIN CERTIFICATE-----" not in pem:
             raise ValueError("no PEM certificate in it")
         ssl.create_default_context(cadata=pem.decode("ascii"))
     except (ValueError, ssl.SSLError) as e:  # UnicodeDecodeError is a ValueError
-        raise ConnectionRefused(f"--root-certificate {path} is not a PEM CA certificate "
+        raise ConnectionProblem(f"--root-certificate {path} is not a PEM CA certificate "
                                 f"({e}); use ca.crt from make_certificates.py") from None
     return pem
 
@@ -258,13 +258,13 @@ def wait_for_server(address: str, root_certificates: bytes | None, max_wait: flo
 
     Flower's grpc-bidi client (start_client) fails at once when nobody listens: its
     max_retries/max_wait_time are ignored by that transport. Hence this probe. Raises
-    ConnectionRefused at once on a TLS mismatch (see tls_problem).
+    ConnectionProblem at once on a TLS mismatch (see tls_problem).
     """
     start, delay = time.monotonic(), 0.25
     while True:
         problem = tls_problem(address, root_certificates, root_name)
         if problem:
-            raise ConnectionRefused(problem)
+            raise ConnectionProblem(problem)
         credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         channel = (grpc.secure_channel(address, credentials) if credentials
                    else grpc.insecure_channel(address))
@@ -308,7 +308,7 @@ def run_client(client: MnistClient, server_address: str, root_certificates: byte
 
     A server that is restarted (e.g. with --resume) within max_wait seconds gets this
     client back; the client is stateless between rounds, so nothing is lost. Raises
-    ConnectionRefused if the server refuses this client or the TLS settings differ.
+    ConnectionProblem if the server refuses this client or the TLS settings differ.
     """
     # start_client logs its deprecation banner on every call, i.e. on every reconnect.
     logging.getLogger("flwr").addFilter(_Once("DEPRECATED FEATURE"))
@@ -319,7 +319,7 @@ def run_client(client: MnistClient, server_address: str, root_certificates: byte
                          root_certificates=root_certificates)
             # The server sent "reconnect: never": the run is over, or we were refused.
             if client.refused:
-                raise ConnectionRefused(f"the server at {server_address} refused this "
+                raise ConnectionProblem(f"the server at {server_address} refused this "
                                         f"client: {client.refused}")
             return
         except grpc.RpcError as e:
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_client_data(args.data_dir, args.partition)
         certificate = (load_root_certificate(args.root_certificate)
                        if args.root_certificate else None)
-    except (shards.DataError, ConnectionRefused, OSError) as e:
+    except (shards.DataError, ConnectionProblem, OSError) as e:
         sys.exit(f"client.py: error: {e}")
     log(INFO, "partition %d: %d training / %d validation examples", args.partition,
         len(data.x_train), len(data.x_val))
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_client(client, args.server_address, certificate, args.max_wait,
                    args.root_certificate or "")
-    except (ServerUnreachable, ConnectionRefused) as e:
+    except (ServerUnreachable, ConnectionProblem) as e:
         sys.exit(f"client.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("client.py: interrupted")

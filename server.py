@@ -33,6 +33,7 @@ from flwr.common import log
 from flwr.common.logger import update_console_handler
 from flwr.server import Server, ServerConfig, start_server
 from flwr.server.history import History
+from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 from flwr.supercore.address import parse_address
 
 import model
@@ -144,8 +145,11 @@ def run(args: argparse.Namespace) -> None:
     finally:
         logging.getLogger("flwr").removeFilter(round_filter)
         # start_server leaves its gRPC server running when it raises: close the clients'
-        # streams, or the threads serving them would keep this process from exiting.
+        # streams, or the threads serving them would keep this process from exiting, and
+        # stop the server (Flower registered that as an exit handler, run on its own
+        # signal exits), or a client connecting while Python shuts down gets a traceback.
         client_manager.disconnect_all()
+        trigger_exit_handlers(run_before_force_exit=False)
     print(f"done: global model in {pathlib.Path(args.results_dir) / 'global_model.npz'}",
           flush=True)
 
