@@ -29,7 +29,7 @@ from flwr.common.logger import update_console_handler
 from flwr.server import ServerConfig, start_server
 
 import model
-from federation import compile_cache, shards
+from federation import compile_cache, memory, shards
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
 from federation.server_setup import ServerSettings, SetupError, build_strategy
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     certificates = load_certificates(args.certificates)
     cache = compile_cache.enable(args.jax_cache)
     log(INFO, "JAX compilation cache: %s", cache or "off")
-    with compile_cache.compiling("server start-up"):  # clients compile the shared eval too
+    with compile_cache.compiling("server start-up"):
         prepared = build_strategy(settings_from_args(args))
         model.compile_steps(eval_batch_size=model.EVAL_BATCH_SIZE)  # before round 0
     if prepared is None:
@@ -137,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the server; one line on stderr and exit 1 on failure."""
     args = parse_args(argv)
+    memory.limit_malloc_arenas()  # before gRPC and XLA start their threads
     update_console_handler(colored=sys.stderr.isatty())  # no escape codes in log files
     try:
         run(args)

@@ -10,7 +10,9 @@ a quiet machine and repeat what matters):
                   A Flower Deployment Engine starts such a process per message.
 --federation      server.py + N client.py launched at the same moment on a cold cache,
                   then on the warm one: seconds from launch to the start of round 1
-                  (Flower's "[ROUND 1]"), to the end, the peak RSS of every process, and
+                  (the server sends the first fit: every client connected and ready),
+                  to round 5's result and to the exit of every process, the peak RSS of
+                  every process, and
                   the accuracy after each round with its time since launch. Then the
                   same training (same data, keys and evaluations) in ONE fresh process,
                   launch to end, warm cache, and the ratio of the two.
@@ -78,7 +80,7 @@ def probe(role: str, data_dir: str, jax_cache: str) -> None:
         step("data")
         compile_cache.enable(jax_cache)
         c = client.MnistClient(data, 0, 0)
-        with compile_cache.compiling():
+        with compile_cache.compiling("client warm-up"):
             c.warm_up()
         step("warm-up")
     else:
@@ -87,7 +89,7 @@ def probe(role: str, data_dir: str, jax_cache: str) -> None:
         from federation.server_setup import ServerSettings, build_strategy  # noqa: PLC0415
         step("imports")
         compile_cache.enable(jax_cache)
-        with tempfile.TemporaryDirectory() as results, compile_cache.compiling():
+        with tempfile.TemporaryDirectory() as results, compile_cache.compiling("server start-up"):
             fedavg, _ = build_strategy(ServerSettings(data_dir=data_dir, results_dir=results))
             model.compile_steps(eval_batch_size=model.EVAL_BATCH_SIZE)
             step("data, model, compile")
@@ -147,7 +149,8 @@ def launch(data_dir: pathlib.Path, results: pathlib.Path, cache: str, args) -> d
             now = time.perf_counter() - start
             for name, proc in procs.items():
                 peaks[name] = max(peaks[name], peak_rss_mib(proc.pid))
-            if round1 is None and "[ROUND 1]" in (logs / "server.err").read_text():
+            # Round 1 starts when the server has sampled its clients (all connected).
+            if round1 is None and "configure_fit:" in (logs / "server.err").read_text():
                 round1 = now
             found = PROGRESS.findall((logs / "server.out").read_text())
             for r, accuracy in found[seen:]:
@@ -159,7 +162,8 @@ def launch(data_dir: pathlib.Path, results: pathlib.Path, cache: str, args) -> d
     total = time.perf_counter() - start
     if any(p.returncode for p in procs.values()):
         raise RuntimeError(f"a process failed; see {logs}")
-    return {"round1": round1, "total": total, "peaks": peaks, "progress": progress}
+    return {"round1": round1, "last_round": progress[-1][0], "total": total, "peaks": peaks,
+            "progress": progress}
 
 
 def single_process(args: argparse.Namespace) -> None:
@@ -217,10 +221,12 @@ def federation(args: argparse.Namespace) -> None:
     single_acc = json.loads(out.strip().splitlines()[-1])
     for label, run in runs.items():
         clients = [v for k, v in run["peaks"].items() if k != "server"]
-        print(f"{label} cache: launch -> round 1 {run['round1']:.1f} s, launch -> end "
-              f"{run['total']:.1f} s = {run['total'] / single:.2f} x one fresh process "
-              f"({single:.1f} s, warm cache); peak RSS server {run['peaks']['server']:.0f} MiB, "
-              f"clients {min(clients):.0f}-{max(clients):.0f} MiB")
+        print(f"{label} cache: launch -> round 1 {run['round1']:.1f} s, -> round "
+              f"{args.rounds}'s result {run['last_round']:.1f} s = "
+              f"{run['last_round'] / single:.2f} x one fresh process ({single:.1f} s, warm "
+              f"cache), -> all exited {run['total']:.1f} s; peak RSS server "
+              f"{run['peaks']['server']:.0f} MiB, clients {min(clients):.0f}-"
+              f"{max(clients):.0f} MiB")
         print("   " + "  ".join(f"r{r} {100 * a:.2f}% @{t:.1f}s" for t, r, a in run["progress"]))
     fed_acc = [a for _, _, a in runs["warm"]["progress"]]
     print(f"cold and warm runs give the same model bit for bit: {same}; single-process "
