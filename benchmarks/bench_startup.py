@@ -41,6 +41,8 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if "--repo" in sys.argv:  # another checkout's scripts, e.g. the code before issue 8
+    REPO = pathlib.Path(sys.argv[sys.argv.index("--repo") + 1]).resolve()
 sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 PROGRESS = re.compile(r"^round (\d+)/\d+\s+accuracy\s+([\d.]+)%", re.M)
@@ -173,13 +175,17 @@ def single_process(args: argparse.Namespace) -> None:
     import client  # noqa: PLC0415
     import model  # noqa: PLC0415
     import server  # noqa: PLC0415
-    from federation import aggregation, compile_cache, shards  # noqa: PLC0415
+    from federation import aggregation, shards  # noqa: PLC0415
     settings = server.parse_args(["--data-dir", str(args.data_dir), *args.server_args])
-    compile_cache.enable()
     parts = [shards.load_partition(shards.partition_path(args.data_dir, i))
              for i in range(args.clients)]
     x_test, y_test = shards.load_test_set(shards.test_set_path(args.data_dir))
-    model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
+    if hasattr(model, "compile_steps"):
+        from federation import compile_cache  # noqa: PLC0415
+        compile_cache.enable()
+        model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
+    else:  # --repo with the code before issue 8: no cache, warm-up by a throw-away epoch
+        client.MnistClient(parts[0], 0, 0).warm_up(settings.batch_size)
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
     accuracies = [model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1]]
     for server_round in range(1, args.rounds + 1):
@@ -212,7 +218,8 @@ def federation(args: argparse.Namespace) -> None:
         models = [np.load(pathlib.Path(tmp) / label / "global_model.npz") for label in runs]
         same = all(np.array_equal(models[0][k], models[1][k]) for k in models[0].files)
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--single", "--data-dir",
+        repo = ["--repo", str(REPO)]
+        out = subprocess.run([sys.executable, __file__, "--single", *repo, "--data-dir",
                               str(args.data_dir), "--clients", str(args.clients), "--rounds",
                               str(args.rounds), "--", *args.server_args],
                              env={**ENV, "FL_JAX_CACHE_DIR": cache}, capture_output=True,
@@ -228,12 +235,14 @@ def federation(args: argparse.Namespace) -> None:
               f"{run['peaks']['server']:.0f} MiB, clients {min(clients):.0f}-"
               f"{max(clients):.0f} MiB")
         print("   " + "  ".join(f"r{r} {100 * a:.2f}% @{t:.1f}s" for t, r, a in run["progress"]))
-    fed_acc = [a for _, _, a in runs["warm"]["progress"]]
+    fed_acc = [round(100 * a, 2) for _, _, a in runs["warm"]["progress"]]  # as printed
+    single_acc_printed = [round(100 * a, 2) for a in single_acc]
     print(f"cold and warm runs give the same model bit for bit: {same}; single-process "
-          f"accuracies {'equal' if np.allclose(fed_acc, single_acc, atol=0) else 'DIFFER'}")
+          f"accuracies {'equal' if fed_acc == single_acc_printed else 'DIFFER'}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"label": args.label, "data": str(args.data_dir),
+                                "repo": str(REPO), "rounds": args.rounds,
                                 "server_args": args.server_args, "single": single,
                                 "single_accuracy": single_acc, **runs}) + "\n")
 
@@ -282,6 +291,8 @@ def main() -> None:
     p.add_argument("--label", default="defaults", help="name of this run in --json and plots")
     p.add_argument("--json", help="append --federation results here / read them for --plot")
     p.add_argument("--timeout", type=float, default=900, help="give up after this many s")
+    p.add_argument("--repo", help="run the scripts of another checkout of this repository "
+                                  "(e.g. `git archive` of the code before issue 8)")
     p.add_argument("--probe", choices=["client", "server"], help=argparse.SUPPRESS)
     p.add_argument("--jax-cache", help=argparse.SUPPRESS)
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
