@@ -212,20 +212,32 @@ def federation(args: argparse.Namespace) -> None:
           f"{os.cpu_count()} CPUs, {args.data_dir}, server flags {args.server_args or 'none'}")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = str(pathlib.Path(tmp) / "jax_cache")
-        for label in ("cold", "warm"):
+        cache = args.jax_cache or str(pathlib.Path(tmp) / "jax_cache")
+        for label in args.runs:
             runs[label] = launch(args.data_dir, pathlib.Path(tmp) / label, cache, args)
         models = [np.load(pathlib.Path(tmp) / label / "global_model.npz") for label in runs]
-        same = all(np.array_equal(models[0][k], models[1][k]) for k in models[0].files)
-        start = time.perf_counter()
-        repo = ["--repo", str(REPO)]
-        out = subprocess.run([sys.executable, __file__, "--single", *repo, "--data-dir",
-                              str(args.data_dir), "--clients", str(args.clients), "--rounds",
-                              str(args.rounds), "--", *args.server_args],
-                             env={**ENV, "FL_JAX_CACHE_DIR": cache}, capture_output=True,
-                             text=True, check=True).stdout
-        single = time.perf_counter() - start
-    single_acc = json.loads(out.strip().splitlines()[-1])
+        same = all(np.array_equal(models[0][k], models[-1][k]) for k in models[0].files)
+        if args.no_single:
+            single, out = float("nan"), "[]"
+        else:
+            out, single = run_single(args, cache)
+    report(args, runs, single, json.loads(out.strip().splitlines()[-1]), same)
+
+
+def run_single(args: argparse.Namespace, cache: str) -> tuple[str, float]:
+    """The same training in one fresh process, warm cache: (its output, seconds)."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--single", "--repo", str(REPO),
+                          "--data-dir", str(args.data_dir), "--clients", str(args.clients),
+                          "--rounds", str(args.rounds), "--", *args.server_args],
+                         env={**ENV, "FL_JAX_CACHE_DIR": cache}, capture_output=True,
+                         text=True, check=True).stdout
+    return out, time.perf_counter() - start
+
+
+def report(args: argparse.Namespace, runs: dict, single: float, single_acc: list,
+           same: bool) -> None:
+    """Print the federated runs against the single process; append them to --json."""
     for label, run in runs.items():
         clients = [v for k, v in run["peaks"].items() if k != "server"]
         print(f"{label} cache: launch -> round 1 {run['round1']:.1f} s, -> round "
@@ -235,10 +247,11 @@ def federation(args: argparse.Namespace) -> None:
               f"{run['peaks']['server']:.0f} MiB, clients {min(clients):.0f}-"
               f"{max(clients):.0f} MiB")
         print("   " + "  ".join(f"r{r} {100 * a:.2f}% @{t:.1f}s" for t, r, a in run["progress"]))
-    fed_acc = [round(100 * a, 2) for _, _, a in runs["warm"]["progress"]]  # as printed
+    fed_acc = [round(100 * a, 2) for _, _, a in run["progress"]]  # as printed
     single_acc_printed = [round(100 * a, 2) for a in single_acc]
-    print(f"cold and warm runs give the same model bit for bit: {same}; single-process "
-          f"accuracies {'equal' if fed_acc == single_acc_printed else 'DIFFER'}")
+    print(f"{' and '.join(runs)} runs give the same model bit for bit: {same}; "
+          "single-process accuracies "
+          f"{'equal' if fed_acc == single_acc_printed else 'DIFFER' if single_acc else 'not run'}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"label": args.label, "data": str(args.data_dir),
@@ -260,14 +273,17 @@ def plot(args: argparse.Namespace) -> None:
     for ax, data in zip(axes[0], datasets):
         for run in (r for r in runs if r["data"] == data):
             for cache, style in (("warm", "-"), ("cold", ":")):
-                t = [0.0] + [p[0] for p in run[cache]["progress"]]
-                a = [0.1] + [p[2] * 100 for p in run[cache]["progress"]]
+                if cache not in run:
+                    continue
+                t = [p[0] for p in run[cache]["progress"]]  # round 0 (10%) is below the axis
+                a = [p[2] * 100 for p in run[cache]["progress"]]
                 ax.plot(t, a, style, marker="o", markersize=3,
                         label=f"{run['label']}, {cache} cache")
         ax.set(title=pathlib.Path(data).name, xlabel="seconds since launch (server + 10 clients)",
                ylabel="test accuracy (%)")
-        finals = [p[2] * 100 for r in runs if r["data"] == data for p in r["warm"]["progress"]]
-        ax.set_ylim(max(0, min(finals[1:] or [10]) - 10), 100)
+        finals = [p[2] * 100 for r in runs if r["data"] == data
+                  for c in ("warm", "cold") if c in r for p in r[c]["progress"]]
+        ax.set_ylim(max(0, min(a for a in finals if a > 10.5) - 5), 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -293,8 +309,13 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900, help="give up after this many s")
     p.add_argument("--repo", help="run the scripts of another checkout of this repository "
                                   "(e.g. `git archive` of the code before issue 8)")
+    p.add_argument("--runs", nargs="+", choices=["cold", "warm"], default=["cold", "warm"],
+                   help="federated launches, in order (default: cold warm); 'cold' expects "
+                        "an empty cache")
+    p.add_argument("--jax-cache", help="cache directory for --federation (default: a new "
+                                       "temporary one, i.e. cold)")
+    p.add_argument("--no-single", action="store_true", help="skip the single-process run")
     p.add_argument("--probe", choices=["client", "server"], help=argparse.SUPPRESS)
-    p.add_argument("--jax-cache", help=argparse.SUPPRESS)
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.server_args = server_args

@@ -61,6 +61,8 @@ from federation import aggregation, shards  # noqa: E402
 
 def schedule_fn(name: str):
     """The learning rate at local step `step` of `total_steps` for a schedule name."""
+    if name == model.SCHEDULE:
+        return model.local_learning_rate  # exactly what client.py runs
     floors = {"cos": 0.0, "cos10": 0.1}
     if name == "const":
         return lambda lr, step, total: np.float32(lr)
