@@ -109,11 +109,13 @@ def compiling(what: str) -> Iterator[None]:
     from flwr.common import log  # noqa: PLC0415
 
     lock = filelock.FileLock(_enabled / f"{what.replace(' ', '-')}.lock")
+    held = False
     try:
         lock.acquire(timeout=0)
-    except filelock.Timeout:
+        held = True
+    except filelock.Timeout:  # another process is compiling these programs: let it finish
         start = time.monotonic()
-        try:  # another process is compiling these programs: wait for it to finish
+        try:
             with lock.acquire(timeout=LOCK_TIMEOUT):
                 pass
             log(INFO, "%s: waited %.1f s for another process to fill the JAX cache", what,
@@ -121,9 +123,11 @@ def compiling(what: str) -> Iterator[None]:
         except filelock.Timeout:
             log(WARNING, "%s: %s still locked after %g s; compiling without waiting", what,
                 lock.lock_file, LOCK_TIMEOUT)
-        yield
-        return
+    except OSError as e:  # (Timeout is one, too) e.g. a read-only cache: JAX only warns there
+        log(WARNING, "%s: cannot lock %s (%s); compiling without it", what, lock.lock_file,
+            e.strerror)
     try:
         yield
     finally:
-        lock.release()
+        if held:
+            lock.release()
