@@ -277,10 +277,14 @@ def plot(args: argparse.Namespace) -> None:
                     continue
                 t = [p[0] for p in run[cache]["progress"]]  # round 0 (10%) is below the axis
                 a = [p[2] * 100 for p in run[cache]["progress"]]
+                cached = (pathlib.Path(run["repo"]) / "federation/compile_cache.py").exists()
+                launch_name = f"{cache} cache" if cached else f"no cache, {cache} run"
                 ax.plot(t, a, style, marker="o", markersize=3,
-                        label=f"{run['label']}, {cache} cache")
-        ax.set(title=pathlib.Path(data).name, xlabel="seconds since launch (server + 10 clients)",
-               ylabel="test accuracy (%)")
+                        label=f"{run['label']}, {launch_name}")
+        manifest = json.loads((pathlib.Path(data) / "manifest.json").read_text())
+        ax.set(title=f"{manifest['dataset']} ({manifest['source']}), "
+                     f"{manifest['num_partitions']} {manifest['scheme']} clients",
+               xlabel="seconds since launch (server + clients)", ylabel="test accuracy (%)")
         finals = [p[2] * 100 for r in runs if r["data"] == data
                   for c in ("warm", "cold") if c in r for p in r[c]["progress"]]
         ax.set_ylim(max(0, min(a for a in finals if a > 10.5) - 5), 100)
