@@ -31,7 +31,7 @@ from flwr.common import Scalar, log
 from flwr.common.logger import update_console_handler
 
 import model
-from federation import compile_cache, shards
+from federation import compile_cache, memory, shards
 
 ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
 
@@ -357,6 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Load this client's shard and serve the server until the run ends."""
     args = parse_args(argv)
+    memory.limit_malloc_arenas()  # before gRPC and XLA start their threads
     update_console_handler(colored=sys.stderr.isatty())  # no escape codes in log files
     try:
         data = load_client_data(args.data_dir, args.partition)

@@ -37,7 +37,7 @@ from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 from flwr.supercore.address import parse_address
 
 import model
-from federation import compile_cache, shards
+from federation import compile_cache, memory, shards
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
 from federation.server_setup import (
     ServerSettings,
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     certificates = load_certificates(args.certificates)
     cache = compile_cache.enable(args.jax_cache)
     log(INFO, "JAX compilation cache: %s", cache or "off")
-    with compile_cache.compiling("server start-up"):  # clients compile the shared eval too
+    with compile_cache.compiling("server start-up"):
         prepared = build_strategy(settings_from_args(args))
         model.compile_steps(eval_batch_size=model.EVAL_BATCH_SIZE)  # before round 0
     if prepared is None:
@@ -211,6 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the server; one line on stderr, exit 1 on failure, 128+N on signal N."""
     args = parse_args(argv)
+    memory.limit_malloc_arenas()  # before gRPC and XLA start their threads
     update_console_handler(colored=sys.stderr.isatty())  # no escape codes in log files
     try:
         run(args)

@@ -10,7 +10,9 @@ a quiet machine and repeat what matters):
                   A Flower Deployment Engine starts such a process per message.
 --federation      server.py + N client.py launched at the same moment on a cold cache,
                   then on the warm one: seconds from launch to the start of round 1
-                  (Flower's "[ROUND 1]"), to the end, the peak RSS of every process, and
+                  (the server sends the first fit: every client connected and ready),
+                  to round 5's result and to the exit of every process, the peak RSS of
+                  every process, and
                   the accuracy after each round with its time since launch. Then the
                   same training (same data, keys and evaluations) in ONE fresh process,
                   launch to end, warm cache, and the ratio of the two.
@@ -39,6 +41,8 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if "--repo" in sys.argv:  # another checkout's scripts, e.g. the code before issue 8
+    REPO = pathlib.Path(sys.argv[sys.argv.index("--repo") + 1]).resolve()
 sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 PROGRESS = re.compile(r"^round (\d+)/\d+\s+accuracy\s+([\d.]+)%", re.M)
@@ -78,7 +82,7 @@ def probe(role: str, data_dir: str, jax_cache: str) -> None:
         step("data")
         compile_cache.enable(jax_cache)
         c = client.MnistClient(data, 0, 0)
-        with compile_cache.compiling():
+        with compile_cache.compiling("client warm-up"):
             c.warm_up()
         step("warm-up")
     else:
@@ -87,7 +91,7 @@ def probe(role: str, data_dir: str, jax_cache: str) -> None:
         from federation.server_setup import ServerSettings, build_strategy  # noqa: PLC0415
         step("imports")
         compile_cache.enable(jax_cache)
-        with tempfile.TemporaryDirectory() as results, compile_cache.compiling():
+        with tempfile.TemporaryDirectory() as results, compile_cache.compiling("server start-up"):
             fedavg, _ = build_strategy(ServerSettings(data_dir=data_dir, results_dir=results))
             model.compile_steps(eval_batch_size=model.EVAL_BATCH_SIZE)
             step("data, model, compile")
@@ -147,7 +151,8 @@ def launch(data_dir: pathlib.Path, results: pathlib.Path, cache: str, args) -> d
             now = time.perf_counter() - start
             for name, proc in procs.items():
                 peaks[name] = max(peaks[name], peak_rss_mib(proc.pid))
-            if round1 is None and "[ROUND 1]" in (logs / "server.err").read_text():
+            # Round 1 starts when the server has sampled its clients (all connected).
+            if round1 is None and "configure_fit:" in (logs / "server.err").read_text():
                 round1 = now
             found = PROGRESS.findall((logs / "server.out").read_text())
             for r, accuracy in found[seen:]:
@@ -159,7 +164,8 @@ def launch(data_dir: pathlib.Path, results: pathlib.Path, cache: str, args) -> d
     total = time.perf_counter() - start
     if any(p.returncode for p in procs.values()):
         raise RuntimeError(f"a process failed; see {logs}")
-    return {"round1": round1, "total": total, "peaks": peaks, "progress": progress}
+    return {"round1": round1, "last_round": progress[-1][0], "total": total, "peaks": peaks,
+            "progress": progress}
 
 
 def single_process(args: argparse.Namespace) -> None:
@@ -169,13 +175,17 @@ def single_process(args: argparse.Namespace) -> None:
     import client  # noqa: PLC0415
     import model  # noqa: PLC0415
     import server  # noqa: PLC0415
-    from federation import aggregation, compile_cache, shards  # noqa: PLC0415
+    from federation import aggregation, shards  # noqa: PLC0415
     settings = server.parse_args(["--data-dir", str(args.data_dir), *args.server_args])
-    compile_cache.enable()
     parts = [shards.load_partition(shards.partition_path(args.data_dir, i))
              for i in range(args.clients)]
     x_test, y_test = shards.load_test_set(shards.test_set_path(args.data_dir))
-    model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
+    if hasattr(model, "compile_steps"):
+        from federation import compile_cache  # noqa: PLC0415
+        compile_cache.enable()
+        model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
+    else:  # --repo with the code before issue 8: no cache, warm-up by a throw-away epoch
+        client.MnistClient(parts[0], 0, 0).warm_up(settings.batch_size)
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
     accuracies = [model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1]]
     for server_round in range(1, args.rounds + 1):
@@ -202,32 +212,50 @@ def federation(args: argparse.Namespace) -> None:
           f"{os.cpu_count()} CPUs, {args.data_dir}, server flags {args.server_args or 'none'}")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = str(pathlib.Path(tmp) / "jax_cache")
-        for label in ("cold", "warm"):
+        cache = args.jax_cache or str(pathlib.Path(tmp) / "jax_cache")
+        for label in args.runs:
             runs[label] = launch(args.data_dir, pathlib.Path(tmp) / label, cache, args)
         models = [np.load(pathlib.Path(tmp) / label / "global_model.npz") for label in runs]
-        same = all(np.array_equal(models[0][k], models[1][k]) for k in models[0].files)
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--single", "--data-dir",
-                              str(args.data_dir), "--clients", str(args.clients), "--rounds",
-                              str(args.rounds), "--", *args.server_args],
-                             env={**ENV, "FL_JAX_CACHE_DIR": cache}, capture_output=True,
-                             text=True, check=True).stdout
-        single = time.perf_counter() - start
-    single_acc = json.loads(out.strip().splitlines()[-1])
+        same = all(np.array_equal(models[0][k], models[-1][k]) for k in models[0].files)
+        if args.no_single:
+            single, out = float("nan"), "[]"
+        else:
+            out, single = run_single(args, cache)
+    report(args, runs, single, json.loads(out.strip().splitlines()[-1]), same)
+
+
+def run_single(args: argparse.Namespace, cache: str) -> tuple[str, float]:
+    """The same training in one fresh process, warm cache: (its output, seconds)."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--single", "--repo", str(REPO),
+                          "--data-dir", str(args.data_dir), "--clients", str(args.clients),
+                          "--rounds", str(args.rounds), "--", *args.server_args],
+                         env={**ENV, "FL_JAX_CACHE_DIR": cache}, capture_output=True,
+                         text=True, check=True).stdout
+    return out, time.perf_counter() - start
+
+
+def report(args: argparse.Namespace, runs: dict, single: float, single_acc: list,
+           same: bool) -> None:
+    """Print the federated runs against the single process; append them to --json."""
     for label, run in runs.items():
         clients = [v for k, v in run["peaks"].items() if k != "server"]
-        print(f"{label} cache: launch -> round 1 {run['round1']:.1f} s, launch -> end "
-              f"{run['total']:.1f} s = {run['total'] / single:.2f} x one fresh process "
-              f"({single:.1f} s, warm cache); peak RSS server {run['peaks']['server']:.0f} MiB, "
-              f"clients {min(clients):.0f}-{max(clients):.0f} MiB")
+        print(f"{label} cache: launch -> round 1 {run['round1']:.1f} s, -> round "
+              f"{args.rounds}'s result {run['last_round']:.1f} s = "
+              f"{run['last_round'] / single:.2f} x one fresh process ({single:.1f} s, warm "
+              f"cache), -> all exited {run['total']:.1f} s; peak RSS server "
+              f"{run['peaks']['server']:.0f} MiB, clients {min(clients):.0f}-"
+              f"{max(clients):.0f} MiB")
         print("   " + "  ".join(f"r{r} {100 * a:.2f}% @{t:.1f}s" for t, r, a in run["progress"]))
-    fed_acc = [a for _, _, a in runs["warm"]["progress"]]
-    print(f"cold and warm runs give the same model bit for bit: {same}; single-process "
-          f"accuracies {'equal' if np.allclose(fed_acc, single_acc, atol=0) else 'DIFFER'}")
+    fed_acc = [round(100 * a, 2) for _, _, a in run["progress"]]  # as printed
+    single_acc_printed = [round(100 * a, 2) for a in single_acc]
+    print(f"{' and '.join(runs)} runs give the same model bit for bit: {same}; "
+          "single-process accuracies "
+          f"{'equal' if fed_acc == single_acc_printed else 'DIFFER' if single_acc else 'not run'}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"label": args.label, "data": str(args.data_dir),
+                                "repo": str(REPO), "rounds": args.rounds,
                                 "server_args": args.server_args, "single": single,
                                 "single_accuracy": single_acc, **runs}) + "\n")
 
@@ -245,14 +273,21 @@ def plot(args: argparse.Namespace) -> None:
     for ax, data in zip(axes[0], datasets):
         for run in (r for r in runs if r["data"] == data):
             for cache, style in (("warm", "-"), ("cold", ":")):
-                t = [0.0] + [p[0] for p in run[cache]["progress"]]
-                a = [0.1] + [p[2] * 100 for p in run[cache]["progress"]]
+                if cache not in run:
+                    continue
+                t = [p[0] for p in run[cache]["progress"]]  # round 0 (10%) is below the axis
+                a = [p[2] * 100 for p in run[cache]["progress"]]
+                cached = (pathlib.Path(run["repo"]) / "federation/compile_cache.py").exists()
+                launch_name = f"{cache} cache" if cached else f"no cache, {cache} run"
                 ax.plot(t, a, style, marker="o", markersize=3,
-                        label=f"{run['label']}, {cache} cache")
-        ax.set(title=pathlib.Path(data).name, xlabel="seconds since launch (server + 10 clients)",
-               ylabel="test accuracy (%)")
-        finals = [p[2] * 100 for r in runs if r["data"] == data for p in r["warm"]["progress"]]
-        ax.set_ylim(max(0, min(finals[1:] or [10]) - 10), 100)
+                        label=f"{run['label']}, {launch_name}")
+        manifest = json.loads((pathlib.Path(data) / "manifest.json").read_text())
+        ax.set(title=f"{manifest['dataset']} ({manifest['source']}), "
+                     f"{manifest['num_partitions']} {manifest['scheme']} clients",
+               xlabel="seconds since launch (server + clients)", ylabel="test accuracy (%)")
+        finals = [p[2] * 100 for r in runs if r["data"] == data
+                  for c in ("warm", "cold") if c in r for p in r[c]["progress"]]
+        ax.set_ylim(max(0, min(a for a in finals if a > 10.5) - 5), 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -276,8 +311,15 @@ def main() -> None:
     p.add_argument("--label", default="defaults", help="name of this run in --json and plots")
     p.add_argument("--json", help="append --federation results here / read them for --plot")
     p.add_argument("--timeout", type=float, default=900, help="give up after this many s")
+    p.add_argument("--repo", help="run the scripts of another checkout of this repository "
+                                  "(e.g. `git archive` of the code before issue 8)")
+    p.add_argument("--runs", nargs="+", choices=["cold", "warm"], default=["cold", "warm"],
+                   help="federated launches, in order (default: cold warm); 'cold' expects "
+                        "an empty cache")
+    p.add_argument("--jax-cache", help="cache directory for --federation (default: a new "
+                                       "temporary one, i.e. cold)")
+    p.add_argument("--no-single", action="store_true", help="skip the single-process run")
     p.add_argument("--probe", choices=["client", "server"], help=argparse.SUPPRESS)
-    p.add_argument("--jax-cache", help=argparse.SUPPRESS)
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.server_args = server_args

@@ -18,6 +18,7 @@ Schedules (the rate at local step t of T; Adam's state and the schedule restart 
   cos        half cosine from lr to 0 over the local run (model.py's before issue 8)
   cos10      half cosine from lr to lr/10
   const      constant lr
+  wcos       linear warm-up from lr/W to lr over the first W = 10% of steps, then cos to 0
 Anything but model.py's own schedule is tried by swapping the function model.train calls
 (model.local_learning_rate) for the length of one run.
 
@@ -60,9 +61,18 @@ from federation import aggregation, shards  # noqa: E402
 
 def schedule_fn(name: str):
     """The learning rate at local step `step` of `total_steps` for a schedule name."""
+    if name == model.SCHEDULE:
+        return model.local_learning_rate  # exactly what client.py runs
     floors = {"cos": 0.0, "cos10": 0.1}
     if name == "const":
         return lambda lr, step, total: np.float32(lr)
+    if name == "wcos":
+        def warm_cosine(lr, step, total):
+            warm = max(1, total // 10)
+            if step < warm:
+                return np.float32(lr * (step + 1) / warm)
+            return np.float32(lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm))))
+        return warm_cosine
     floor = floors[name]
     return lambda lr, step, total: np.float32(
         lr * (floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * step / total))))
@@ -147,7 +157,7 @@ def main() -> None:
     p.add_argument("--batch", nargs="+", type=int, default=[model.BATCH_SIZE],
                    help="batch sizes (default: model.py's)")
     p.add_argument("--schedule", nargs="+", default=[model.SCHEDULE],
-                   choices=["cos", "cos10", "const"], help="learning-rate schedules "
+                   choices=["cos", "cos10", "const", "wcos"], help="learning-rate schedules "
                    "(default: model.py's)")
     p.add_argument("--width", nargs="+", type=int, default=[1],
                    help="conv channel multipliers (default: 1, model.py's CNN)")

@@ -15,8 +15,10 @@ client.py, server.py, demo.py (through the environment of its children) and the 
   programs that compile in under a second, which is all of ours, one by one).
 - when ten processes start at once on a cold cache: ``compiling()`` is a file lock
   (the ``filelock`` package; flock, so a crashed holder releases it) around a process's
-  compilation. The first process compiles and fills the cache while the others wait,
-  then each of them loads from the cache instead of compiling the same programs at once.
+  warm-up. The first process compiles and fills the cache while the others wait, then
+  they all load from the cache at once, instead of ten processes compiling the same
+  programs side by side on two cores. (Everyone holding the lock in turn would queue
+  even the loads: ten clients took ~10 s to get through a warm cache that way.)
 
 The cache is keyed by JAX on the program, the jax/jaxlib version, the XLA flags and the
 machine's CPU, so a stale entry is never used; deleting the directory is always safe.
@@ -33,7 +35,6 @@ from logging import INFO, WARNING
 
 ENV_VAR = "FL_JAX_CACHE_DIR"
 OFF = "off"
-LOCK_NAME = "compile.lock"
 LOCK_TIMEOUT = 300.0  # seconds; past that a waiting process compiles by itself
 
 _enabled: pathlib.Path | None = None
@@ -90,12 +91,16 @@ def enable(flag: str | None = None) -> pathlib.Path | None:
 
 
 @contextlib.contextmanager
-def compiling(what: str = "compilation") -> Iterator[None]:
-    """Hold the cache directory's lock for the block (a no-op when the cache is off).
+def compiling(what: str) -> Iterator[None]:
+    """Around a warm-up: the first process to arrive compiles, later ones wait, then load.
 
-    Processes that start together take turns: the first compiles and writes the cache,
-    the next ones find the programs there. A lock not obtained within LOCK_TIMEOUT
-    seconds (a holder stuck for some reason) is skipped with a warning.
+    `what` names the set of programs (e.g. "client warm-up"); each set has its own lock
+    file in the cache directory. The process that gets the lock at once runs the block
+    holding it (compiling, or loading if the cache is already warm). A process that finds
+    it taken waits until it is released, then runs the block without it: the programs
+    are in the cache by then, so the waiters load them side by side instead of queueing.
+    A no-op when the cache is off; a lock not freed within LOCK_TIMEOUT seconds (a stuck
+    holder) is skipped with a warning.
     """
     if _enabled is None:
         yield
@@ -103,19 +108,26 @@ def compiling(what: str = "compilation") -> Iterator[None]:
     import filelock  # noqa: PLC0415
     from flwr.common import log  # noqa: PLC0415
 
-    lock = filelock.FileLock(_enabled / LOCK_NAME, timeout=LOCK_TIMEOUT)
-    start = time.monotonic()
+    lock = filelock.FileLock(_enabled / f"{what.replace(' ', '-')}.lock")
+    held = False
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        log(WARNING, "%s: %s still locked after %g s; compiling without it", what,
-            lock.lock_file, LOCK_TIMEOUT)
-        yield
-        return
+        lock.acquire(timeout=0)
+        held = True
+    except filelock.Timeout:  # another process is compiling these programs: let it finish
+        start = time.monotonic()
+        try:
+            with lock.acquire(timeout=LOCK_TIMEOUT):
+                pass
+            log(INFO, "%s: waited %.1f s for another process to fill the JAX cache", what,
+                time.monotonic() - start)
+        except filelock.Timeout:
+            log(WARNING, "%s: %s still locked after %g s; compiling without waiting", what,
+                lock.lock_file, LOCK_TIMEOUT)
+    except OSError as e:  # (Timeout is one, too) e.g. a read-only cache: JAX only warns there
+        log(WARNING, "%s: cannot lock %s (%s); compiling without it", what, lock.lock_file,
+            e.strerror)
     try:
-        waited = time.monotonic() - start
-        if waited > 0.5:
-            log(INFO, "%s: waited %.1f s for another process to fill the cache", what, waited)
         yield
     finally:
-        lock.release()
+        if held:
+            lock.release()

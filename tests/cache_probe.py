@@ -49,7 +49,7 @@ def main() -> None:
     labels = rng.integers(0, 10, 70).astype(np.int32)
     data = shards.Partition(images[:60], labels[:60], images[60:], labels[60:])
     compile_cache.enable(args.jax_cache)
-    with compile_cache.compiling():
+    with compile_cache.compiling("client warm-up"):
         client.MnistClient(data, 0, 0).warm_up()
     warm_up_compiles, warm_up_hits, warm_up_requests = (
         counts["compiled"], counts["hits"], counts["requests"])
