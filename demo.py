@@ -75,6 +75,8 @@ def describe_data(manifest: dict) -> str:
         scheme += f" (alpha {manifest['alpha']})"
     elif scheme == "shards":
         scheme += f" ({manifest['shards_per_client']} per client)"
+    elif scheme == "pathological":
+        scheme += f" ({manifest['classes_per_client']} labels per client)"
     source = SOURCE_NAMES.get(manifest["source"], manifest["source"])
     return (f"{manifest['dataset']} from {source}: {len(parts)} {scheme} partitions, "
             f"{sum(p['num_train'] for p in parts):,} train / {sum(p['num_val'] for p in parts):,} "
@@ -456,7 +458,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "Simulation or Deployment Engine (default: grpc)")
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
     parser.add_argument("--clients", type=int, default=10, help="client processes = data partitions (default: 10)")
-    parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None,
+    parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards", "pathological"],
+                        default=None,
                         help="how to split the data across clients (default: what data/ holds, else iid)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="Dirichlet concentration, smaller = more skewed (default: partition_data.py's)")
