@@ -223,7 +223,9 @@ def test_client_manager_gives_up_after_its_timeout():
     assert manager.wait_for(1) is False
     with pytest.raises(client_manager.NotEnoughClients, match="only 0 of the 2 clients"):
         manager.sample(2)
-    assert time.monotonic() - start < 2  # not Flower's default of 24 h
+    # It waited its 0.2 s twice, and then gave up (not Flower's default of 24 h). The upper
+    # bound only has to tell seconds from hours: a busy CI machine must not fail it.
+    assert 0.4 <= time.monotonic() - start < 60
 
 
 # ------------------------------------------------------ one round through the strategy
