@@ -71,7 +71,8 @@ def kill_demo(proc: subprocess.Popen) -> None:
 def run_demo(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run for demo.py, except that a demo still running after `timeout` is
     killed with all its children (kill_demo) and fails the test."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
