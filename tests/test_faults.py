@@ -130,6 +130,18 @@ def test_overwrite_waits_until_listening_and_signals_exit_non_zero(procs, tmp_pa
         assert "terminated gracefully" not in procs.err(name)
 
 
+def test_ctrl_c_stops_a_connected_client_in_one_line(procs, tmp_path, data_dir):
+    """SIGINT (Ctrl-C) to a client that is connected and waiting for its first round."""
+    port = free_port()
+    procs.start("server", "server.py", *server_args(port, data_dir, tmp_path / "results", 1, 2))
+    procs.start("client_0", "client.py", *client_args(port, data_dir, 0))
+    wait_until(lambda: "partition 0 connected" in procs.err("server"), 120, "client 0 to join")
+    procs.procs["client_0"].send_signal(signal.SIGINT)
+    assert procs.wait("client_0", 30) == 1, procs.log("client_0")
+    assert last_line(procs.err("client_0")) == "client.py: interrupted"
+    assert "Traceback" not in procs.err("client_0")
+
+
 # ------------------------------------------------------------------- clients that fail
 
 @pytest.mark.slow

