@@ -63,7 +63,8 @@ class MnistClient(NumPyClient):
         self.refused: str | None = None  # why the server refused this client, if it did
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """Say which partition this client trains: the server admits one client per partition.
+        """Say which partition this client trains: the server admits one client per partition
+        (gRPC path) and samples clients by partition (every transport).
 
         A server that refuses the client says why in config["refused"], then ends the
         session; run_client reports it.
@@ -84,10 +85,6 @@ class MnistClient(NumPyClient):
         """
         model.compile_steps(batch_size, self.eval_batch_size)
         model.epoch_order(round_key(self.seed, 0, self.partition), 0, len(self.data.x_train))
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """Which partition this client holds: the server samples clients by partition."""
-        return {"partition": self.partition}
 
     def fit(self, parameters: list[np.ndarray],
             config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:

@@ -234,8 +234,13 @@ def test_strangers_and_duplicates_are_kept_out(procs, tmp_path, data_without_val
                                                     "--round-timeout", "120"))
     wait_until(lambda: "round 0/1" in procs.out("server"), 90, "the server to listen")
     procs.start("rogue", "tests/rogue_stream.py", f"127.0.0.1:{port}")
-    for name, partition in (("client_0", 0), ("twin_0", 0), ("client_1", 1)):
-        procs.start(name, "client.py", *client_args(port, data, partition))
+    for name in ("client_0", "twin_0"):
+        procs.start(name, "client.py", *client_args(port, data, 0))
+    # The round needs client_1 too, so it starts once the twin was turned away: on a slow
+    # machine the twin could otherwise arrive after the one-round run had ended.
+    wait_until(lambda: "refused a client: partition 0 is already connected" in procs.err(
+        "server"), 120, "the second client for partition 0 to be refused")
+    procs.start("client_1", "client.py", *client_args(port, data, 1))
 
     assert procs.wait("server", 240) == 0, procs.log("server")
     r1 = records(results)[1]
