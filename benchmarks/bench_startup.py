@@ -278,7 +278,8 @@ def plot(args: argparse.Namespace) -> None:
                 t = [p[0] for p in run[cache]["progress"]]  # round 0 (10%) is below the axis
                 a = [p[2] * 100 for p in run[cache]["progress"]]
                 cached = (pathlib.Path(run["repo"]) / "federation/compile_cache.py").exists()
-                launch_name = f"{cache} cache" if cached else f"no cache, {cache} run"
+                launch_name = (f"{cache} cache" if cached else
+                               f"no cache, {'first' if cache == 'cold' else 'second'} launch")
                 ax.plot(t, a, style, marker="o", markersize=3,
                         label=f"{run['label']}, {launch_name}")
         manifest = json.loads((pathlib.Path(data) / "manifest.json").read_text())
