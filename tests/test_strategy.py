@@ -399,7 +399,7 @@ def test_fraction_fit_samples_a_fraction_but_waits_for_min_clients(tmp_path):
     assert s.num_evaluation_clients(10) == (5, 10)
 
 
-class PartitionProxy(ClientProxy):
+class PartitionProxy(_Proxy):
     """A connected client that only answers get_properties, with its partition."""
 
     def __init__(self, cid: str, partition: int) -> None:
@@ -409,18 +409,6 @@ class PartitionProxy(ClientProxy):
     def get_properties(self, ins, timeout, group_id):
         self.asked += 1
         return GetPropertiesRes(Status(Code.OK, ""), {"partition": self.partition})
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
 
 
 def _sampled_partitions(cids: list[str], seed: int, server_round: int, purpose: int = 0):
