@@ -62,8 +62,13 @@ def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | Non
     return tuple(p.read_bytes() for p in paths)  # type: ignore[return-value]
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived during the run; args[0] is the signal number."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived during the run; args[0] is the signal number.
+
+    A BaseException, like KeyboardInterrupt: the handler raises it wherever the main
+    thread is, and an `except Exception` there (logging's emit has one) must not swallow
+    it, or the server would carry on after the signal.
+    """
 
     saved = "no round was saved"  # set by run(), which knows the strategy
 
