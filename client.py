@@ -11,6 +11,7 @@ only the new weights and its number of training examples. This file is that clie
   (no CA, wrong CA, or a CA for a plaintext server) is reported at once instead.
 
     python client.py --partition 0        # one per partition, before or after server.py
+    python client.py --partition 9 --attack sign-flip   # a poisoning client (README Part 5)
 """
 
 import argparse
@@ -31,7 +32,7 @@ from flwr.common import Scalar, log
 from flwr.common.logger import update_console_handler
 
 import model
-from federation import compile_cache, memory, shards
+from federation import attacks, compile_cache, memory, shards
 
 ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
 
@@ -53,12 +54,19 @@ class MnistClient(NumPyClient):
     An exception in training or evaluation is not allowed to kill the process: it is
     sent to the server as a result carrying metrics["error"], which the server rejects
     and logs as a failure, and the client stays up for the next round.
+
+    attack (None, or one of attacks.ATTACKS) makes it a poisoning client, for measuring
+    the server's robust aggregation rules; it says so in its log every round.
     """
 
-    def __init__(self, data: shards.Partition, partition: int, seed: int) -> None:
+    def __init__(self, data: shards.Partition, partition: int, seed: int,
+                 attack: str | None = None, attack_boost: float = 10.0) -> None:
+        if attack is not None and attack not in attacks.ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; known: {', '.join(attacks.ATTACKS)}")
         self.data = data
         self.partition = partition
         self.seed = seed
+        self.attack, self.attack_boost = attack, attack_boost
         self.eval_batch_size = eval_batch_size(len(data.x_val))
         self.refused: str | None = None  # why the server refused this client, if it did
 
@@ -104,16 +112,26 @@ class MnistClient(NumPyClient):
         server_round, epochs = int(config["server_round"]), int(config["local_epochs"])
         log(INFO, "round %d: training %d epoch(s) on %d examples", server_round, epochs,
             len(self.data.x_train))
+        labels = self.data.y_train
+        if self.attack is not None:
+            log(WARNING, "round %d: ATTACKING the federation with %s%s", server_round,
+                self.attack, f" (boost {self.attack_boost:g})" if self.attack == "sign-flip"
+                else "")
+        if self.attack == "label-flip":
+            labels = attacks.flip_labels(labels)
         start = time.perf_counter()
         params, metrics = model.train(
-            model.ndarrays_to_params(parameters), self.data.x_train, self.data.y_train,
+            model.ndarrays_to_params(parameters), self.data.x_train, labels,
             epochs=epochs, batch_size=int(config["batch_size"]),
             learning_rate=float(config["learning_rate"]),
             key=round_key(self.seed, server_round, self.partition))
         log(INFO, "round %d: train loss %.4f, accuracy %.2f%% (%.1f s)", server_round,
             metrics["loss"], 100 * metrics["accuracy"], time.perf_counter() - start)
+        arrays = model.params_to_ndarrays(params)
+        if self.attack == "sign-flip":
+            arrays = attacks.sign_flip(parameters, arrays, self.attack_boost)
         # FedAvg weighs by the local dataset size n_k (not by steps or epochs).
-        return model.params_to_ndarrays(params), len(self.data.x_train), {
+        return arrays, len(self.data.x_train), {
             "partition": self.partition, "train_loss": float(metrics["loss"]),
             "train_accuracy": float(metrics["accuracy"]),
             "examples_seen": int(metrics["num_examples"])}
@@ -344,6 +362,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root-certificate", metavar="FILE",
                    help="CA certificate (PEM) to verify a TLS server, e.g. certificates/ca.crt "
                         "from make_certificates.py (default: plaintext)")
+    p.add_argument("--attack", choices=attacks.ATTACKS,
+                   help="turn this client into an attacker, to measure the server's robust "
+                        "--aggregation rules: sign-flip sends global - BOOST x (local - "
+                        "global); label-flip trains on labels 9 - y (default: honest)")
+    p.add_argument("--attack-boost", type=float, default=10.0, metavar="BOOST",
+                   help="sign-flip: how far the reversed update is pushed "
+                        "(default: %(default)s)")
     p.add_argument("--jax-cache", metavar="DIR",
                    help="JAX's persistent compilation cache, shared by every process on this "
                         f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
@@ -365,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     log(INFO, "partition %d: %d training / %d validation examples", args.partition,
         len(data.x_train), len(data.x_val))
     cache = compile_cache.enable(args.jax_cache)
-    client = MnistClient(data, args.partition, args.seed)
+    client = MnistClient(data, args.partition, args.seed, args.attack, args.attack_boost)
+    if args.attack:
+        log(WARNING, "partition %d is an ATTACKER (%s): its updates poison the global model",
+            args.partition, args.attack)
     start = time.perf_counter()
     with compile_cache.compiling("client warm-up"):
         client.warm_up()

@@ -14,11 +14,18 @@ A new run refuses a --results-dir that already holds one (continue it with --res
 replace it with --overwrite); nothing there changes until the server is listening.
 SIGINT/SIGTERM stop the server with exit status 130/143, naming the last saved round.
 
+Protection (README Part 5): --aggregation median|trimmed-mean|krum against poisoning
+clients; --dp-noise-multiplier for DP-FedAvg, with the privacy spent (epsilon) recorded
+every round.
+
+    python server.py --aggregation median
+    python server.py --dp-noise-multiplier 1.0 --dp-clipping-norm 1.0
+
 Resume: --resume restarts from the newest round in --results-dir and numbers rounds on
 from there. Allowed to change: --rounds (to extend a run), --min-clients,
 --round-timeout, --address, --certificates and the directory paths. Everything else
-(seed, --fraction-fit, local-training settings, the data and the model) must match, or
-the server refuses. A resumed run ends bit-identical to an uninterrupted one: which
+(seed, --fraction-fit, local-training settings, the aggregation rule, DP, the data and
+the model) must match, or the server refuses. A resumed run ends bit-identical to an uninterrupted one: which
 clients train in a round depends only on --seed, the round and the connected partitions.
 """
 
@@ -38,6 +45,7 @@ from flwr.supercore.address import parse_address
 
 import model
 from federation import compile_cache, memory, shards
+from federation.aggregation import RULES
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
 from federation.server_setup import (
     ServerSettings,
@@ -107,7 +115,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, round_timeout=args.round_timeout,
         data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, aggregation=args.aggregation,
+        trim_fraction=args.trim_fraction, krum_malicious=args.krum_malicious,
+        dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
+        dp_delta=args.dp_delta,
         transport={"address": args.address, "certificates": args.certificates})
 
 
@@ -190,6 +201,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--round-timeout", type=float, default=300.0,
                    help="seconds a client may take to answer, and to wait for --min-clients "
                         "to be connected before giving up (default: %(default)s)")
+    defaults = ServerSettings()
+    p.add_argument("--aggregation", choices=RULES, default=defaults.aggregation,
+                   help="how the clients' models become the global model: fedavg (weighted "
+                        "mean), or a rule robust to poisoning clients: median, trimmed-mean, "
+                        "krum (default: %(default)s)")
+    p.add_argument("--trim-fraction", type=float, default=defaults.trim_fraction,
+                   help="trimmed-mean: fraction of the values dropped at each end, per "
+                        "coordinate, in [0, 0.5) (default: %(default)s)")
+    p.add_argument("--krum-malicious", type=int, default=defaults.krum_malicious,
+                   help="krum: how many malicious clients it must tolerate; needs more than "
+                        "2f + 2 clients per round (default: %(default)s)")
+    p.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA",
+                   help="turn on DP-FedAvg (user-level differential privacy): Gaussian noise "
+                        "of std SIGMA x --dp-clipping-norm on the sum of clipped updates; 0 "
+                        "clips without noise (no privacy) (default: off)")
+    p.add_argument("--dp-clipping-norm", type=float, default=defaults.dp_clipping_norm,
+                   help="DP-FedAvg: every update (client model minus global model) is scaled "
+                        "down to this L2 norm at most (default: %(default)s)")
+    p.add_argument("--dp-delta", type=float, default=defaults.dp_delta,
+                   help="DP-FedAvg: the delta of the (epsilon, delta) guarantee reported "
+                        "each round (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --results-dir from its newest round")
     p.add_argument("--overwrite", action="store_true",

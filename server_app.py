@@ -34,9 +34,16 @@ RUN_CONFIG_KEYS = {
     "round-timeout": ("round_timeout", (int, float)),
     "resume": ("resume", bool),
     "overwrite": ("overwrite", bool),
+    "aggregation": ("aggregation", str),
+    "trim-fraction": ("trim_fraction", (int, float)),
+    "krum-malicious": ("krum_malicious", int),
+    "dp-noise-multiplier": ("dp_noise_multiplier", (int, float)),
+    "dp-clipping-norm": ("dp_clipping_norm", (int, float)),
+    "dp-delta": ("dp_delta", (int, float)),
     "data-dir": ("data_dir", str),
     "results-dir": ("results_dir", str),
 }
+OFF_KEYS = {"dp-noise-multiplier"}  # keys whose "off" is server.py's default of None
 
 
 def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings:
@@ -50,10 +57,13 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings
         if key not in run_config:
             continue
         value = run_config[key]
+        if key in OFF_KEYS and value == "off":  # TOML has no null: "off" stands for None
+            values[field] = None
+            continue
         # bool is an int in Python: `num-server-rounds = true` must not pass as 1.
         if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
             expected = {int: "an integer", bool: "true or false", str: "a string"}.get(
-                types, "a number")
+                types, "a number") + (" or 'off'" if key in OFF_KEYS else "")
             raise SetupError(f"run-config {key} = {value!r} must be {expected}")
         values[field] = float(value) if types == (int, float) else value
     for field in ("data_dir", "results_dir"):

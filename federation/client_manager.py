@@ -23,6 +23,15 @@ from flwr.server.criterion import Criterion
 IDENTIFY_TIMEOUT = 5.0  # seconds a new connection has to say which partition it trains on
 
 
+def choose(seed: int, server_round: int, purpose: int, num_candidates: int,
+           num_clients: int) -> list[int]:
+    """Which of num_candidates (ordered by partition) take part: sorted indices, drawn
+    without replacement by np.random.default_rng([seed, server_round, purpose])."""
+    rng = np.random.default_rng([seed, server_round, purpose])
+    picked = rng.choice(num_candidates, size=min(num_clients, num_candidates), replace=False)
+    return sorted(int(i) for i in picked)
+
+
 class NotEnoughClients(RuntimeError):
     """Fewer clients than needed stayed connected for longer than the timeout."""
 
@@ -180,10 +189,8 @@ class TimeoutClientManager(SimpleClientManager):
         if num_clients >= len(clients):
             return clients
         by_partition = sorted(self._partitions_of(clients).items())
-        rng = np.random.default_rng([self.seed, server_round, purpose])
-        picked = rng.choice(len(by_partition), size=min(num_clients, len(by_partition)),
-                            replace=False)
-        return [by_partition[i][1] for i in sorted(picked)]
+        picked = choose(self.seed, server_round, purpose, len(by_partition), num_clients)
+        return [by_partition[i][1] for i in picked]
 
     def _partitions_of(self, clients: list[ClientProxy]) -> dict[int, ClientProxy]:
         """partition -> client. Clients not identified yet (on the App path, where

@@ -21,7 +21,8 @@ from federation.aggregation import Arrays
 METRIC_FIELDS = (
     "round", "centralized_loss", "centralized_accuracy", "federated_loss",
     "federated_accuracy", "train_loss", "train_accuracy", "clients_sampled", "clients_fit",
-    "failures", "evaluate_failures", "round_seconds", "bytes_received")
+    "failures", "evaluate_failures", "round_seconds", "bytes_received", "update_norm",
+    "clipped", "epsilon")
 
 # Files a run writes (besides model_round_<r>.npz); their presence means the directory holds a run.
 RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz")
@@ -30,14 +31,20 @@ RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz
 # Everything else may change on --resume: --rounds (to extend a run), --min-clients and
 # --round-timeout (liveness policy), --address, --certificates and the directory paths.
 RESUME_MUST_MATCH = ("seed", "fraction_fit", "local_epochs", "batch_size", "learning_rate",
-                     "manifest_sha256", "model")
+                     "manifest_sha256", "model", "aggregation", "trim_fraction",
+                     "krum_malicious", "dp")
+
+# A run_config.json written before a setting existed ran with that setting's value here.
+SAVED_BEFORE_SETTING = {"aggregation": "fedavg", "trim_fraction": None, "krum_malicious": None,
+                        "dp": None}
 
 
 def resume_mismatch(saved: Mapping, current: Mapping) -> str | None:
     """The first setting that differs between a saved run_config and this run's, or None."""
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != current.get(key):
-            return f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+        before, now = (c.get(key, SAVED_BEFORE_SETTING.get(key)) for c in (saved, current))
+        if before != now:
+            return f"{key} was {before!r}, now {now!r}"
     return None
 
 

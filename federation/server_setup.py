@@ -19,8 +19,8 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import shards
-from federation.aggregation import Arrays
+from federation import privacy, shards
+from federation.aggregation import RULES, Arrays, krum_minimum_clients
 from federation.results import ResultsDir, resume_mismatch
 from federation.strategy import CheckedFedAvg
 
@@ -45,6 +45,12 @@ class ServerSettings:
     results_dir: str = "results"
     resume: bool = False                # continue the run in results_dir from its newest round
     overwrite: bool = False             # replace a run already in results_dir
+    aggregation: str = "fedavg"         # one of aggregation.RULES
+    trim_fraction: float = 0.2          # trimmed-mean: share dropped at each end
+    krum_malicious: int = 2             # krum: malicious clients it must tolerate
+    dp_noise_multiplier: float | None = None  # DP-FedAvg's σ; None: no DP
+    dp_clipping_norm: float = 1.0       # DP-FedAvg's C: the largest update norm that counts
+    dp_delta: float = 1e-5              # the δ at which ε is reported
     # Settings of the transport (address, certificates, ...): recorded, never compared.
     transport: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -60,6 +66,37 @@ class ServerSettings:
                 return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
         if self.resume and self.overwrite:
             return "resume and --overwrite contradict each other: choose one"
+        return self.rule_problem() or (self.dp.problem() if self.dp else None)
+
+    @property
+    def dp(self) -> privacy.DPConfig | None:
+        """DP-FedAvg's settings, or None when it is off."""
+        if self.dp_noise_multiplier is None:
+            return None
+        return privacy.DPConfig(self.dp_noise_multiplier, self.dp_clipping_norm, self.dp_delta)
+
+    def clients_per_round(self) -> int:
+        """Clients sampled each round when min_clients are connected."""
+        return max(1, int(self.fraction_fit * self.min_clients))
+
+    def rule_problem(self) -> str | None:
+        """Why the aggregation rule cannot work with these settings (one line), or None."""
+        if self.aggregation not in RULES:
+            return f"aggregation {self.aggregation!r} is not one of {', '.join(RULES)}"
+        if self.aggregation == "trimmed-mean" and not 0 <= self.trim_fraction < 0.5:
+            return (f"trim-fraction must be in [0, 0.5) so that some updates are left, "
+                    f"got {self.trim_fraction}")
+        if self.aggregation == "krum":
+            needed = krum_minimum_clients(self.krum_malicious)
+            if self.krum_malicious < 0:
+                return f"krum-malicious must be >= 0, got {self.krum_malicious}"
+            if self.clients_per_round() < needed:
+                return (f"krum-malicious {self.krum_malicious} needs at least {needed} "
+                        f"clients per round for krum (n > 2f + 2), but min-clients x "
+                        f"fraction-fit gives {self.clients_per_round()}")
+        if self.dp_noise_multiplier is not None and self.aggregation != "fedavg":
+            return (f"dp-noise-multiplier works with aggregation fedavg only (DP-FedAvg sizes "
+                    f"its noise for an average), not {self.aggregation}")
         return None
 
 
@@ -79,6 +116,12 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
         "fraction_fit": settings.fraction_fit, "local_epochs": settings.local_epochs,
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
         "seed": settings.seed, "round_timeout": settings.round_timeout,
+        "aggregation": settings.aggregation,
+        # A rule's own setting is recorded (and must match on resume) only with that rule.
+        "trim_fraction": (settings.trim_fraction if settings.aggregation == "trimmed-mean"
+                          else None),
+        "krum_malicious": settings.krum_malicious if settings.aggregation == "krum" else None,
+        "dp": dataclasses.asdict(settings.dp) if settings.dp else None,
         **settings.transport,
         "data_dir": str(settings.data_dir), "results_dir": str(settings.results_dir),
         "manifest_sha256": manifest_sha256,
@@ -153,6 +196,7 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
     else:
         records, done = [], 0
         arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
+    log_rule(settings)
     return CheckedFedAvg(
         initial_arrays=arrays, array_names=names,
         shard_sizes=[p["num_train"] for p in partitions],
@@ -162,8 +206,26 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         fraction_fit=settings.fraction_fit, records=records,
         fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
                     "learning_rate": settings.learning_rate},
-        run_config=config, round_timeout=settings.round_timeout,
+        run_config=config, round_timeout=settings.round_timeout, seed=settings.seed,
+        aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
+        krum_malicious=settings.krum_malicious, dp=settings.dp,
     ), settings.rounds - done
+
+
+def log_rule(settings: ServerSettings) -> None:
+    """Say how this run aggregates, and what DP-FedAvg will have spent at the end."""
+    dp = settings.dp
+    if dp is not None:
+        m = settings.clients_per_round()
+        log(INFO, "DP-FedAvg: updates clipped to norm %g, noise multiplier %g (noise std %.3g "
+            "on the average of %d clients); after %d rounds ε = %.3g at δ = %g", dp.clipping_norm,
+            dp.noise_multiplier, dp.noise_std(m), m, settings.rounds,
+            privacy.epsilon(dp.noise_multiplier, settings.fraction_fit, settings.rounds,
+                            dp.delta), dp.delta)
+    elif settings.aggregation != "fedavg":
+        extra = {"trimmed-mean": f" (trim fraction {settings.trim_fraction:g})",
+                 "krum": f" (tolerating {settings.krum_malicious} malicious)"}
+        log(INFO, "aggregation: %s%s", settings.aggregation, extra.get(settings.aggregation, ""))
 
 
 class TrueRoundLogFilter(logging.Filter):

@@ -20,6 +20,9 @@ that server.py (flwr.server.start_server) and a later ServerApp can share it:
    which partition they train, and gives up after a timeout instead of Flower's 24 h.
    --min-clients decides when a round may start; a round that has started is recorded
    and saved with whichever clients are left (evaluation does not wait for more).
+5. The rule (aggregation.py, privacy.py): FedAvg by default; a robust rule (median,
+   trimmed mean, Krum) against poisoning clients; or DP-FedAvg (clip, average, add
+   seeded Gaussian noise), with the privacy spent so far (ε) in every round's record.
 """
 
 import math
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -44,10 +48,18 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from federation.aggregation import Arrays, fedavg, weighted_mean
+from federation import privacy
+from federation.aggregation import (Arrays, aggregate, krum_minimum_clients, update_norm,
+                                   weighted_mean)
 from federation.client_manager import TimeoutClientManager
 from federation.results import ResultsDir
 from federation.validation import MAX_UPDATE_RATIO, validate_evaluation, validate_update
+
+
+# The seeded random streams of a round are np.random.default_rng([seed, round, stream]):
+# 0 picks the clients that train, 1 those that evaluate (client_manager.py), 2 draws
+# DP-FedAvg's noise. One stream per purpose: no draw ever reuses another's numbers.
+DP_NOISE_STREAM = 2
 
 
 def print_progress(line: str) -> None:
@@ -92,7 +104,9 @@ class CheckedFedAvg(FedAvg):
                  records: Sequence[dict] = (), max_update_ratio: float = MAX_UPDATE_RATIO,
                  progress: Callable[[str], None] = print_progress,
                  run_config: Mapping | None = None,
-                 round_timeout: float | None = None) -> None:
+                 round_timeout: float | None = None, seed: int = 0,
+                 aggregation: str = "fedavg", trim_fraction: float = 0.0,
+                 krum_malicious: int = 0, dp: privacy.DPConfig | None = None) -> None:
         """Args:
           initial_arrays: the global model to start from (round 0, or the resumed round).
           array_names: one name per array, for checkpoints and messages.
@@ -108,6 +122,9 @@ class CheckedFedAvg(FedAvg):
           progress: receives one line per round.
           run_config: written to run_config.json when the run starts (None: not written).
           round_timeout: the server's --round-timeout, to tell a timeout from a crash.
+          seed: the run's seed (DP-FedAvg's noise is drawn from [seed, round, 2]).
+          aggregation, trim_fraction, krum_malicious: the rule (aggregation.aggregate).
+          dp: DP-FedAvg's settings, or None for no differential privacy.
         """
         super().__init__(
             # Wait for min_clients, train on fraction_fit of those connected (at least one),
@@ -135,10 +152,15 @@ class CheckedFedAvg(FedAvg):
         self._sampled: list[ClientProxy] = []
         self._client_manager: ClientManager | None = None
         self._round_clock = 0.0
+        self.seed = seed
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+        self.krum_malicious = krum_malicious
+        self.dp = dp
 
     def __repr__(self) -> str:
         return (f"CheckedFedAvg(min_clients={self.min_available_clients}, "
-                f"fraction_fit={self.fraction_fit})")
+                f"fraction_fit={self.fraction_fit}, aggregation={self.aggregation!r}, "
+                f"dp={self.dp})")
 
     # -- round 0 and centralized evaluation
 
@@ -209,10 +231,28 @@ class CheckedFedAvg(FedAvg):
         if not ordered:
             log(WARNING, "round %d: no valid update; the global model stays as it was", true_round)
             return None, {}
-        aggregated = fedavg([(arrays, n) for arrays, n, _ in ordered])
+        aggregated = self._aggregate([(arrays, n) for arrays, n, _ in ordered], true_round)
         return ndarrays_to_parameters(aggregated), {
             "train_loss": self._round["train_loss"],
             "train_accuracy": self._round["train_accuracy"]}
+
+    def _aggregate(self, updates: list[tuple[Arrays, int]], true_round: int) -> Arrays:
+        """The new global model from the accepted updates (in partition order)."""
+        norms = [update_norm(arrays, self._global) for arrays, _ in updates]
+        self._round["update_norm"] = float(np.median(norms))
+        if self.dp is not None:
+            rng = np.random.default_rng([self.seed, true_round, DP_NOISE_STREAM])
+            new, _ = privacy.dp_fedavg(self._global, [a for a, _ in updates], self.dp,
+                                       self._round["clients_sampled"], rng)
+            self._round["clipped"] = sum(n > self.dp.clipping_norm for n in norms)
+            return new
+        if (self.aggregation == "krum"
+                and len(updates) < krum_minimum_clients(self.krum_malicious)):
+            log(WARNING, "round %d: Krum with %d updates cannot tolerate --krum-malicious %d "
+                "(it needs %d); aggregating anyway", true_round, len(updates),
+                self.krum_malicious, krum_minimum_clients(self.krum_malicious))
+        return aggregate(self.aggregation, updates, trim_fraction=self.trim_fraction,
+                         num_malicious=self.krum_malicious)
 
     def _check_fit_result(self, res: FitRes, accepted: dict) -> str | None:
         """Add a valid result to `accepted` (keyed by partition); else return why not."""
@@ -310,6 +350,9 @@ class CheckedFedAvg(FedAvg):
         """Append the round's record, save model + metrics, print the progress line."""
         if "start" in record:
             record["round_seconds"] = round(time.perf_counter() - record.pop("start"), 3)
+        if self.dp is not None:  # the privacy spent after this many rounds of the run
+            record["epsilon"] = privacy.epsilon(self.dp.noise_multiplier, self.fraction_fit,
+                                                record["round"], self.dp.delta)
         self.records.append(record)
         self.results.save_round(self.records, self._global)
         self.progress(progress_line(record, self.total_rounds))
@@ -322,5 +365,7 @@ def progress_line(record: Mapping, total_rounds: int) -> str:
             f"loss {record['centralized_loss']:.4f}")
     if record["round"] == 0:
         return f"{head}  (initial global model)"
+    privacy_spent = ("" if record.get("epsilon") is None
+                     else f"  ε {record['epsilon']:.2f}")
     return (f"{head}  clients {record['clients_fit']}/{record['clients_sampled']}  "
-            f"failures {record['failures']}  ({record['round_seconds']:.1f} s)")
+            f"failures {record['failures']}{privacy_spent}  ({record['round_seconds']:.1f} s)")

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from federation.aggregation import Arrays, global_norm
+from federation.aggregation import Arrays, global_norm, update_norm
 
 # An update further than this many times the global model's norm from the global model is
 # not training, it is a bug or an attack. Honest local training moves the model by a
@@ -62,7 +62,7 @@ def validate_update(arrays: Arrays, num_examples: int, metrics: Mapping[str, obj
     for name, a in zip(names, arrays):
         if not np.isfinite(a).all():
             return f"{name} contains NaN or Inf"
-    delta = global_norm([a.astype(np.float64) - g for a, g in zip(arrays, global_arrays)])
+    delta = update_norm(arrays, global_arrays)
     reference = max(global_norm(global_arrays), 1.0)
     if delta > max_update_ratio * reference:
         return (f"update norm {delta:.3g} is more than {max_update_ratio:g}x the global "

@@ -202,6 +202,13 @@ def test_resume_mismatch_names_the_setting():
         "learning_rate was 0.001, now 0.01")
     assert results.resume_mismatch(saved, dict(saved, manifest_sha256="cd")) == (
         "manifest_sha256 was 'ab', now 'cd'")
+    # Settings newer than a saved run: it ran with plain FedAvg and no DP.
+    assert results.resume_mismatch(saved, dict(saved, aggregation="fedavg", dp=None)) is None
+    assert results.resume_mismatch(saved, dict(saved, aggregation="median")) == (
+        "aggregation was 'fedavg', now 'median'")
+    dp = {"noise_multiplier": 1.0, "clipping_norm": 1.0, "delta": 1e-5}
+    assert results.resume_mismatch(dict(saved, dp=dp), dict(saved, dp=dict(dp, delta=1e-6))) == (
+        f"dp was {dp!r}, now {dict(dp, delta=1e-6)!r}")
     assert json.loads(json.dumps(saved)) == saved  # what is compared survives JSON
 
 

@@ -1,0 +1,200 @@
+"""What protection costs and what it buys: poisoning attacks against the aggregation rules,
+and DP-FedAvg's accuracy for a privacy budget. Prints the tables of README Part 5.
+
+It runs the federation in one process with the project's own code, as the server and
+clients compute it: the clients are client.MnistClient (so attackers run client.py's
+--attack code), the clients of a round are picked by client_manager.choose (as
+TimeoutClientManager does), and the new global model comes from
+federation.aggregation.aggregate or federation.privacy.dp_fedavg with the noise stream
+of federation.strategy. tests/test_protection.py checks that a DP run over gRPC gives
+these bits; tests/test_federation.py does the same for FedAvg. What it leaves out is
+the processes and the network, so it runs 1,000 clients on a laptop.
+
+    python partition_data.py --source idx --dataset fashion_mnist \\
+        --idx-dir /usr/share/datasets/fashion-mnist --out-dir /tmp/fmnist
+    python benchmarks/bench_protection.py attacks --data-dir /tmp/fmnist
+    python benchmarks/bench_protection.py dp --data-dir /tmp/fmnist --sigma 0 0.5 1 2
+    python partition_data.py --source idx --dataset fashion_mnist --num-partitions 1000 \\
+        --idx-dir /usr/share/datasets/fashion-mnist --out-dir /tmp/fmnist1000
+    python benchmarks/bench_protection.py dp --data-dir /tmp/fmnist1000 \\
+        --fraction-fit 0.01 0.1 --sigma 0.5 1 --rounds 50
+
+Attackers are the highest-numbered partitions (9, 8, 7 of 10). Every run starts from the
+same initial model (--seed) and uses model.py's local-training defaults.
+"""
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import client  # noqa: E402  (the repo root is on sys.path only after the line above)
+import model  # noqa: E402
+from federation import privacy, shards  # noqa: E402
+from federation.aggregation import RULES, aggregate  # noqa: E402
+from federation.client_manager import choose  # noqa: E402
+from federation.strategy import DP_NOISE_STREAM  # noqa: E402
+
+
+def load(data_dir: str) -> tuple[list[shards.Partition], np.ndarray, np.ndarray]:
+    """Every partition of data_dir, and the server's test set."""
+    manifest = shards.load_manifest(data_dir)
+    parts = [shards.load_partition(shards.partition_path(data_dir, i))
+             for i in range(manifest["num_partitions"])]
+    x_test, y_test = shards.load_test_set(shards.test_set_path(data_dir))
+    return parts, x_test, y_test
+
+
+def federate(parts: list[shards.Partition], x_test: np.ndarray, y_test: np.ndarray, *,
+             rounds: int, fraction_fit: float = 1.0, rule: str = "fedavg",
+             trim_fraction: float = 0.2, krum_malicious: int = 2,
+             dp: privacy.DPConfig | None = None, attack: str | None = None,
+             attackers: int = 0, boost: float = 10.0, seed: int = 0) -> list[dict]:
+    """One run; a record per round: test accuracy, seconds, ε (with DP)."""
+    n = len(parts)
+    evil = set(range(n - attackers, n))
+    clients = [client.MnistClient(part, i, seed, attack if i in evil else None, boost)
+               for i, part in enumerate(parts)]
+    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(seed)))
+    per_round = max(int(n * fraction_fit), 1)  # FedAvg.num_fit_clients, all connected
+    config = {"local_epochs": model.LOCAL_EPOCHS, "batch_size": model.BATCH_SIZE,
+              "learning_rate": model.LEARNING_RATE}
+    records = []
+    for server_round in range(1, rounds + 1):
+        start = time.perf_counter()
+        sampled = choose(seed, server_round, 0, n, per_round)
+        updates = []
+        for i in sampled:
+            trained, num_examples, metrics = clients[i].fit(
+                arrays, {**config, "server_round": server_round})
+            assert "error" not in metrics, metrics
+            updates.append((trained, num_examples))
+        if dp is not None:
+            rng = np.random.default_rng([seed, server_round, DP_NOISE_STREAM])
+            arrays, _ = privacy.dp_fedavg(arrays, [u for u, _ in updates], dp, len(sampled), rng)
+        else:
+            arrays = aggregate(rule, updates, trim_fraction=trim_fraction,
+                               num_malicious=krum_malicious)
+        _, accuracy = model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)
+        record = {"round": server_round, "accuracy": float(accuracy),
+                  "seconds": round(time.perf_counter() - start, 2),
+                  "attackers_sampled": len(evil & set(sampled))}
+        if dp is not None:
+            record["epsilon"] = privacy.epsilon(dp.noise_multiplier, fraction_fit,
+                                                server_round, dp.delta)
+        records.append(record)
+        print(f"  round {server_round}: accuracy {100 * accuracy:.2f}%"
+              + (f"  ε {record['epsilon']:.2f}" if dp is not None else ""), flush=True)
+    return records
+
+
+def emit(row: dict, json_path: str | None) -> None:
+    """Print a finished run's summary line; append it to --json."""
+    print(json.dumps(row), flush=True)
+    if json_path:
+        with open(json_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_attacks(args: argparse.Namespace) -> None:
+    """Every rule against every attack and number of attackers."""
+    parts, x_test, y_test = load(args.data_dir)
+    table = {}
+    cases = [(None, 0)] + [(a, k) for a in args.attack for k in args.attackers if k > 0]
+    for attack, attackers in cases:
+        for rule in args.rules:
+            print(f"{rule}, {attackers} x {attack or 'honest'}", flush=True)
+            records = federate(parts, x_test, y_test, rounds=args.rounds, rule=rule,
+                               trim_fraction=args.trim_fraction,
+                               krum_malicious=args.krum_malicious, attack=attack,
+                               attackers=attackers, boost=args.boost, seed=args.seed)
+            table[attack, attackers, rule] = records[-1]["accuracy"]
+            emit({"bench": "attacks", "data_dir": args.data_dir, "rule": rule,
+                  "attack": attack, "attackers": attackers, "clients": len(parts),
+                  "trim_fraction": args.trim_fraction, "krum_malicious": args.krum_malicious,
+                  "boost": args.boost, "rounds": records}, args.json)
+    print(f"\naccuracy after {args.rounds} rounds ({len(parts)} clients, {args.data_dir}):")
+    print("| attack | attackers | " + " | ".join(args.rules) + " |")
+    print("|---|---:|" + "---:|" * len(args.rules))
+    for attack, attackers in cases:
+        cells = " | ".join(f"{100 * table[attack, attackers, r]:.2f}%" for r in args.rules)
+        print(f"| {attack or 'none'} | {attackers} | {cells} |")
+
+
+def run_dp(args: argparse.Namespace) -> None:
+    """Accuracy and ε for every noise multiplier and sampling rate."""
+    parts, x_test, y_test = load(args.data_dir)
+    rows = []
+    for fraction_fit in args.fraction_fit:
+        for sigma in args.sigma:
+            dp = (None if sigma < 0 else
+                  privacy.DPConfig(sigma, args.clipping_norm, args.delta))
+            print(f"q {fraction_fit}, sigma {sigma if dp else 'off'}", flush=True)
+            records = federate(parts, x_test, y_test, rounds=args.rounds,
+                               fraction_fit=fraction_fit, dp=dp, seed=args.seed)
+            last = records[-1]
+            rows.append((fraction_fit, sigma, last.get("epsilon"), last["accuracy"]))
+            emit({"bench": "dp", "data_dir": args.data_dir, "clients": len(parts),
+                  "fraction_fit": fraction_fit, "sigma": sigma if dp else None,
+                  "clipping_norm": args.clipping_norm, "delta": args.delta,
+                  "rounds": records}, args.json)
+    print(f"\nafter {args.rounds} rounds ({len(parts)} clients, C = {args.clipping_norm}, "
+          f"δ = {args.delta}, {args.data_dir}):")
+    print("| clients per round | σ | ε | accuracy |\n|---:|---:|---:|---:|")
+    for fraction_fit, sigma, eps, accuracy in rows:
+        shown = "off" if sigma < 0 else f"{sigma:g}"
+        eps_text = "–" if eps is None else ("∞" if eps == float("inf") else f"{eps:.2f}")
+        print(f"| {max(int(len(parts) * fraction_fit), 1)} | {shown} | {eps_text} | "
+              f"{100 * accuracy:.2f}% |")
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name in ("attacks", "dp"):
+        s = sub.add_parser(name, help=f"the {name} table")
+        s.add_argument("--data-dir", required=True, help="a partition_data.py directory")
+        s.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
+        s.add_argument("--seed", type=int, default=0, help="the run's seed (default: 0)")
+        s.add_argument("--json", metavar="FILE", help="also append every run to FILE")
+    a = sub.choices["attacks"]
+    a.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
+                   help="aggregation rules (default: all)")
+    a.add_argument("--attack", nargs="+", choices=("sign-flip", "label-flip"),
+                   default=["sign-flip", "label-flip"], help="attacks (default: both)")
+    a.add_argument("--attackers", nargs="+", type=int, default=[1, 3],
+                   help="numbers of attacking clients; an honest run is always added "
+                        "(default: 1 3)")
+    a.add_argument("--boost", type=float, default=10.0, help="sign-flip boost (default: 10)")
+    a.add_argument("--trim-fraction", type=float, default=0.2,
+                   help="trimmed-mean's fraction (default: %(default)s)")
+    a.add_argument("--krum-malicious", type=int, default=2,
+                   help="Krum's f (default: %(default)s)")
+    d = sub.choices["dp"]
+    d.add_argument("--sigma", nargs="+", type=float, default=[-1, 0, 0.5, 1.0, 2.0],
+                   help="noise multipliers; -1 runs without DP (default: %(default)s)")
+    d.add_argument("--fraction-fit", nargs="+", type=float, default=[1.0],
+                   help="sampling rates q (default: %(default)s)")
+    d.add_argument("--clipping-norm", type=float, default=1.0,
+                   help="C (default: %(default)s)")
+    d.add_argument("--delta", type=float, default=1e-5, help="δ (default: %(default)s)")
+    return p.parse_args()
+
+
+def main() -> None:
+    """Run the chosen table."""
+    args = parse_args()
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the clients' per-round lines
+    {"attacks": run_attacks, "dp": run_dp}[args.bench](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Protection, README Part 5: robust aggregation rules, DP-FedAvg and its accountant, attacks.
+
+The rules and DP are checked against numbers worked out by hand or from first
+principles; the end-to-end tests run real server and client processes.
+"""
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from federation import attacks, privacy
+from federation.aggregation import aggregate, krum, median, trimmed_mean
+from federation.server_setup import ServerSettings
+from test_federation import (CLIENTS, client_args, free_port, load_model, records,
+                             server_args)
+
+
+def updates(*rows, counts=None):
+    """One-array models from rows of numbers (float32), with example counts."""
+    counts = counts or [1] * len(rows)
+    return [([np.array(row, np.float32)], n) for row, n in zip(rows, counts)]
+
+
+# ------------------------------------------------------------------ robust rules
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    got = median(updates([1, 2], [3, 10], [2, -4], [100, 0], counts=[1, 5, 1, 1]))
+    np.testing.assert_array_equal(got[0], np.array([2.5, 1.0], np.float32))  # counts ignored
+    np.testing.assert_array_equal(median(updates([1], [7], [3]))[0], [3.0])
+
+
+def test_trimmed_mean_drops_the_ends_per_coordinate():
+    rows = updates([1, 50], [2, -6], [3, 0], [4, 2], [100, 4])
+    # int(0.2 * 5) = 1 value cut at each end, per coordinate: mean of the middle three.
+    np.testing.assert_array_equal(trimmed_mean(rows, 0.2)[0], np.array([3.0, 2.0], np.float32))
+    # 0.19 * 5 < 1 cuts nothing: the plain (unweighted) mean.
+    np.testing.assert_allclose(trimmed_mean(rows, 0.19)[0], [22.0, 10.0], rtol=0, atol=1e-6)
+    # At the edge 0.49 of 4 values, one is cut at each end: the middle two are left.
+    np.testing.assert_array_equal(trimmed_mean(updates([0], [1], [2], [9]), 0.49)[0], [1.5])
+    with pytest.raises(ValueError):
+        trimmed_mean(rows, 0.5)  # nothing would be left
+
+
+def test_krum_picks_the_model_closest_to_its_neighbours():
+    # Squared distances from a = [1, 2]: b 68, c 37, d 9,805; f = 1 -> score = the
+    # n - f - 2 = 1 nearest: a 37, b 68, c 37, d 9,509. a and c tie; the first one wins.
+    got = krum(updates([1, 2], [3, 10], [2, -4], [100, 0]), num_malicious=1)
+    np.testing.assert_array_equal(got[0], [1.0, 2.0])
+    # f = 2 of 5: each scored by its 1 nearest; the four corners tie at 1, the outlier loses.
+    rows = updates([0, 0], [1, 0], [0, 1], [1, 1], [50, 50])
+    np.testing.assert_array_equal(krum(rows, num_malicious=2)[0], [0.0, 0.0])
+    # f = 0 of 5: each scored by its 3 nearest (squared distances along the diagonal):
+    # a 0.5 + 2 + 3,200; b 0.5 + 0.5 + 3,120.5; c 2 + 0.5 + 3,042 = 3,044.5 (least);
+    # d 2 + 3,042 + 3,120.5; e more. Krum takes c, not the middle of the honest three.
+    far = updates([0, 0], [0.5, 0.5], [1, 1], [40, 40], [41, 41])
+    np.testing.assert_array_equal(krum(far, num_malicious=0)[0], [1.0, 1.0])
+
+
+def test_aggregate_dispatches_and_refuses_unknown_rules():
+    rows = updates([1.0], [3.0], counts=[1, 3])
+    np.testing.assert_array_equal(aggregate("fedavg", rows)[0], [2.5])  # weighted
+    np.testing.assert_array_equal(aggregate("median", rows)[0], [2.0])  # not weighted
+    with pytest.raises(ValueError, match="unknown aggregation rule 'mean'"):
+        aggregate("mean", rows)
+
+
+def test_a_sign_flip_attacker_moves_fedavg_but_not_the_median():
+    honest = [[np.array([1.0, 1.0], np.float32)] for _ in range(4)]
+    g = [np.zeros(2, np.float32)]
+    evil = attacks.sign_flip(g, [np.array([1.0, 1.0], np.float32)], boost=10)
+    np.testing.assert_array_equal(evil[0], [-10.0, -10.0])
+    rows = [(a, 1) for a in honest + [evil]]
+    np.testing.assert_allclose(aggregate("fedavg", rows)[0], [-1.2, -1.2], rtol=1e-6)
+    np.testing.assert_array_equal(aggregate("median", rows)[0], [1.0, 1.0])
+    np.testing.assert_array_equal(attacks.flip_labels(np.arange(10, dtype=np.uint8)),
+                                  np.arange(9, -1, -1))
+
+
+# --------------------------------------------------------------------- DP-FedAvg
+
+def test_clipping_bounds_every_update_and_keeps_small_ones():
+    rng = np.random.default_rng(0)
+    for scale in (0.01, 1.0, 100.0):
+        update = [rng.normal(0, scale, (30, 7)), rng.normal(0, scale, (5,))]
+        clipped, before = privacy.clip(update, 2.0)
+        after = math.sqrt(sum(float(np.sum(c ** 2)) for c in clipped))
+        assert after <= 2.0 * (1 + 1e-12)
+        if before <= 2.0:  # inside the ball: untouched
+            assert all(np.array_equal(c, u) for c, u in zip(clipped, update))
+        else:  # scaled, direction kept
+            assert after == pytest.approx(2.0, rel=1e-12)
+            np.testing.assert_allclose(clipped[0] * before / 2.0, update[0], rtol=1e-12)
+
+
+def test_dp_fedavg_is_the_mean_of_clipped_updates_over_the_sampled_clients():
+    g = [np.array([1.0, 1.0], np.float32)]
+    clients = [[np.array([4.0, 5.0], np.float32)],    # update (3, 4), norm 5 -> (0.6, 0.8)
+               [np.array([1.5, 1.0], np.float32)]]    # update (0.5, 0), inside the ball
+    config = privacy.DPConfig(noise_multiplier=0.0, clipping_norm=1.0)
+    new, norms = privacy.dp_fedavg(g, clients, config, num_sampled=4,
+                                   rng=np.random.default_rng(0))
+    assert norms == [5.0, 0.5]
+    # Divided by the 4 clients sampled, not the 2 that answered: (1.1, 0.8) / 4.
+    np.testing.assert_array_equal(new[0], np.array([1.275, 1.2], np.float32))
+
+
+def test_dp_noise_has_the_stated_standard_deviation():
+    """σ·C on the sum, so σ·C/m on the average; 400,000 draws, a fixed seed."""
+    g = [np.zeros((400, 500), np.float32), np.zeros(3, np.float32)]
+    config = privacy.DPConfig(noise_multiplier=1.5, clipping_norm=2.0)
+    new, _ = privacy.dp_fedavg(g, [g, g, g], config, num_sampled=3,
+                               rng=np.random.default_rng([0, 1, 2]))
+    noise = new[0].astype(np.float64).ravel()
+    assert config.noise_std(3) == 1.0
+    # The sample std of 200,000 normals is within 3 standard errors (0.16%) of the truth.
+    assert abs(noise.std() - 1.0) < 3 * 1.0 / math.sqrt(2 * noise.size)
+    assert abs(noise.mean()) < 3 / math.sqrt(noise.size)
+    again, _ = privacy.dp_fedavg(g, [g, g, g], config, 3, np.random.default_rng([0, 1, 2]))
+    other, _ = privacy.dp_fedavg(g, [g, g, g], config, 3, np.random.default_rng([0, 2, 2]))
+    assert np.array_equal(again[0], new[0]) and not np.array_equal(other[0], new[0])
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact ε of a Gaussian mechanism with sensitivity/σ = mu at δ (Balle & Wang 2018,
+    Theorem 8), by bisection: δ(ε) = Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2)."""
+    lo, hi = 0.0, 500.0
+    for _ in range(200):
+        eps = (lo + hi) / 2
+        d = norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+        lo, hi = (eps, hi) if d > delta else (lo, eps)
+    return hi
+
+
+def test_epsilon_grows_with_rounds_and_matches_theory_for_full_participation():
+    eps = [privacy.epsilon(1.0, 1.0, r, 1e-5) for r in range(6)]
+    assert eps[0] == 0 and all(a < b for a, b in zip(eps, eps[1:]))
+    # q = 1: T rounds of noise multiplier σ are one Gaussian mechanism with σ / sqrt(T)...
+    assert privacy.epsilon(2.0, 1.0, 4, 1e-5) == pytest.approx(
+        privacy.epsilon(1.0, 1.0, 1, 1e-5), rel=1e-9)
+    # ...whose exact ε the RDP accountant bounds from above, and tightly, unlike the
+    # textbook RDP conversion min_a T a / (2 σ²) + log(1/δ) / (a - 1).
+    exact = gaussian_epsilon(math.sqrt(5) / 1.0, 1e-5)
+    textbook = min(5 * a / 2 + math.log(1e5) / (a - 1) for a in range(2, 257))
+    assert exact < eps[5] < textbook
+    assert eps[5] < 1.15 * exact
+    # Sampling a fraction of the clients each round spends far less.
+    assert privacy.epsilon(1.0, 0.01, 5, 1e-5) < 0.2 * eps[5]
+    assert privacy.epsilon(0.0, 1.0, 5, 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0, got -0.5"),
+    ({"dp_noise_multiplier": 1.0, "dp_clipping_norm": 0.0}, "dp-clipping-norm must be > 0"),
+    ({"dp_noise_multiplier": 1.0, "dp_delta": 1.0}, "dp-delta must be in (0, 1), got 1.0"),
+    ({"aggregation": "trimmed-mean", "trim_fraction": 0.5},
+     "trim-fraction must be in [0, 0.5) so that some updates are left, got 0.5"),
+    ({"aggregation": "krum", "krum_malicious": 4},
+     "krum-malicious 4 needs at least 11 clients per round for krum (n > 2f + 2), but "
+     "min-clients x fraction-fit gives 10"),
+    ({"aggregation": "median", "dp_noise_multiplier": 1.0},
+     "dp-noise-multiplier works with aggregation fedavg only"),
+    ({"aggregation": "mean"}, "aggregation 'mean' is not one of fedavg, median, "),
+])
+def test_bad_protection_settings_are_one_line(changes, message):
+    problem = ServerSettings(**changes).problem()
+    assert problem.startswith(message) and "\n" not in problem
+
+
+def test_server_refuses_bad_protection_flags_before_starting(tmp_path, procs, data_dir):
+    procs.start("server", "server.py", "--dp-noise-multiplier", "1", "--dp-delta", "0",
+                "--data-dir", data_dir, "--results-dir", tmp_path / "r")
+    assert procs.wait("server", 60) == 2
+    assert procs.err("server").strip().splitlines()[-1] == (
+        "server.py: error: --dp-delta must be in (0, 1), got 0.0")
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------- end to end, gRPC
+
+def dp_reference(data_dir, rounds: int, config: privacy.DPConfig) -> list[np.ndarray]:
+    """DP-FedAvg over CLIENTS partitions in one process, written out here: each client is
+    model.train with its documented key, then clip, sum, N(0, (σC)²) noise from the
+    documented stream default_rng([seed, round, 2]), and division by the clients sampled."""
+    import jax  # noqa: PLC0415
+    import model  # noqa: PLC0415
+    from federation import shards  # noqa: PLC0415
+    from test_federation import documented_key  # noqa: PLC0415
+    parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
+    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
+    for server_round in range(1, rounds + 1):
+        total = [np.zeros(a.shape) for a in arrays]
+        for i, part in enumerate(parts):
+            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
+                                    epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
+                                    key=documented_key(0, server_round, i))
+            delta = [w.astype(np.float64) - g for w, g in
+                     zip(model.params_to_ndarrays(params), arrays)]
+            size = math.sqrt(sum(float(np.sum(d * d)) for d in delta))
+            assert size > config.clipping_norm  # every update is clipped in this test
+            for t, d in zip(total, delta):
+                t += d * (config.clipping_norm / size)
+        rng = np.random.default_rng([0, server_round, 2])
+        std = config.noise_multiplier * config.clipping_norm
+        arrays = [(g + (t + rng.normal(0.0, std, g.shape)) / CLIENTS).astype(np.float32)
+                  for g, t in zip(arrays, total)]
+    return arrays
+
+
+@pytest.mark.slow
+def test_dp_fedavg_over_grpc_matches_the_reference_and_reports_epsilon(procs, tmp_path,
+                                                                       data_dir):
+    port, results = free_port(), tmp_path / "results"
+    dp = ["--dp-noise-multiplier", "0.3", "--dp-clipping-norm", "0.5", "--dp-delta", "1e-4"]
+    procs.start("server", "server.py", *server_args(port, data_dir, results, 2), *dp)
+    for i in range(CLIENTS):
+        procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
+    codes = {name: procs.wait(name, 150) for name in list(procs.procs)}
+    assert set(codes.values()) == {0}, procs.log("server")
+    recs = records(results)
+    for r in recs[1:]:
+        assert r["epsilon"] == privacy.epsilon(0.3, 1.0, r["round"], 1e-4)
+        assert r["clipped"] == CLIENTS and r["update_norm"] > 0.5
+    assert recs[0]["epsilon"] == 0.0 and recs[1]["epsilon"] < recs[2]["epsilon"]
+    assert f"ε {recs[2]['epsilon']:.2f}" in procs.out("server").splitlines()[2]
+    assert "DP-FedAvg: updates clipped to norm 0.5, noise multiplier 0.3" in procs.err("server")
+    saved = json.loads((results / "run_config.json").read_text())
+    assert saved["dp"] == {"noise_multiplier": 0.3, "clipping_norm": 0.5, "delta": 1e-4}
+    got = load_model(results / "global_model.npz")
+    expected = dp_reference(data_dir, 2, privacy.DPConfig(0.3, 0.5, 1e-4))
+    for (name, a), b in zip(got.items(), expected):
+        assert np.array_equal(a, b), name
+
+
+def attack_run(procs, tmp_path, data_dir, rule: str) -> float:
+    """Five clients, the last of them a sign-flip attacker, 2 rounds: final accuracy."""
+    port, results = free_port(), tmp_path / rule
+    procs.start(f"server_{rule}", "server.py",
+                *server_args(port, data_dir, results, 2, 5), "--aggregation", rule)
+    for i in range(5):
+        attack = ["--attack", "sign-flip"] if i == 4 else []
+        procs.start(f"client_{rule}_{i}", "client.py", *client_args(port, data_dir, i, *attack))
+    codes = {name: procs.wait(name, 180) for name in list(procs.procs) if rule in name}
+    assert set(codes.values()) == {0}, procs.log(f"server_{rule}")
+    assert "ATTACKING the federation with sign-flip (boost 10)" in procs.err(f"client_{rule}_4")
+    return records(results)[-1]["centralized_accuracy"]
+
+
+@pytest.mark.slow
+def test_one_sign_flip_attacker_of_five_breaks_fedavg_but_not_the_median(procs, tmp_path,
+                                                                          data_dir):
+    fedavg = attack_run(procs, tmp_path, data_dir, "fedavg")
+    robust = attack_run(procs, tmp_path, data_dir, "median")
+    # Measured on the test data (5 partitions of the 5k digits, 2 rounds): median about
+    # 0.8, FedAvg near chance.
+    assert robust > 0.7, robust
+    assert robust - fedavg > 0.4, (fedavg, robust)
