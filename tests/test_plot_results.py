@@ -153,3 +153,25 @@ def test_label_count_mismatch_is_one_line_error(tmp_path):
     write_metrics(tmp_path / "a")
     write_metrics(tmp_path / "b")
     assert_one_line_error(run_plot("a", "b", "--labels", "only-one", cwd=tmp_path), "labels")
+
+
+def png_width(path: pathlib.Path) -> int:
+    """Width in pixels, from the PNG's IHDR chunk."""
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_a_dp_run_gets_a_privacy_panel(tmp_path):
+    write_metrics(tmp_path / "plain")
+    write_metrics(tmp_path / "dp")
+    records = json.loads((tmp_path / "dp" / "metrics.json").read_text())
+    for r in records:
+        r["epsilon"] = 0.0 if r["round"] == 0 else 1.5 * r["round"]
+    (tmp_path / "dp" / "metrics.json").write_text(json.dumps(records))
+    plain = plot_results.plot_runs([("a", plot_results.load_metrics(tmp_path / "plain"))],
+                                   tmp_path / "plain.png")
+    private = plot_results.plot_runs([("a", plot_results.load_metrics(tmp_path / "plain")),
+                                      ("b", plot_results.load_metrics(tmp_path / "dp"))],
+                                     tmp_path / "dp.png")
+    # Two panels are 11 in. wide at 110 dpi; three (accuracy, loss, ε) are 16 in.
+    assert (png_width(plain), png_width(private)) == (1210, 1760)
+    assert_drawn_png(private)
