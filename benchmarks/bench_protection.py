@@ -108,7 +108,8 @@ def run_attacks(args: argparse.Namespace) -> None:
     """Every rule against every attack and number of attackers."""
     parts, x_test, y_test = load(args.data_dir)
     table = {}
-    cases = [(None, 0)] + [(a, k) for a in args.attack for k in args.attackers if k > 0]
+    cases = ([] if args.no_honest else [(None, 0)]) + [
+        (a, k) for a in args.attack for k in args.attackers if k > 0]
     for attack, attackers in cases:
         for rule in args.rules:
             print(f"{rule}, {attackers} x {attack or 'honest'}", flush=True)
@@ -157,7 +158,8 @@ def run_dp(args: argparse.Namespace) -> None:
 
 
 def plot_attacks(args: argparse.Namespace) -> None:
-    """A bar chart of an attacks --json file: accuracy per rule, attack and attackers."""
+    """A bar chart and a table of an attacks --json file (several invocations may have
+    appended to it): accuracy per rule, attack and number of attackers."""
     import matplotlib  # noqa: PLC0415  (only this subcommand draws)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -180,7 +182,13 @@ def plot_attacks(args: argparse.Namespace) -> None:
     ax.legend(loc="lower left", fontsize="small")
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n")
+    print("| attack | attackers | " + " | ".join(rules) + " |")
+    print("|---|---:|" + "---:|" * len(rules))
+    for attack, attackers in cases:
+        cells = " | ".join(f"{accuracy[attack, attackers, r]:.2f}%"
+                           if (attack, attackers, r) in accuracy else "–" for r in rules)
+        print(f"| {attack or 'none'} | {attackers} | {cells} |")
 
 
 def parse_args() -> argparse.Namespace:
@@ -201,6 +209,9 @@ def parse_args() -> argparse.Namespace:
     a.add_argument("--attackers", nargs="+", type=int, default=[1, 3],
                    help="numbers of attacking clients; an honest run is always added "
                         "(default: 1 3)")
+    a.add_argument("--no-honest", action="store_true",
+                   help="skip the run without attackers (e.g. when adding to a --json file "
+                        "that has it)")
     a.add_argument("--boost", type=float, default=10.0, help="sign-flip boost (default: 10)")
     a.add_argument("--trim-fraction", type=float, default=0.2,
                    help="trimmed-mean's fraction (default: %(default)s)")

@@ -35,6 +35,9 @@ def test_run_config_values_are_typed_and_paths_absolute(tmp_path, monkeypatch):
     assert settings.learning_rate == 1.0 and isinstance(settings.learning_rate, float)
     assert (settings.data_dir, settings.results_dir) == (str(tmp_path / "d"), "/abs/r")
     assert settings.resume is True
+    assert server_app.settings_from_run_config({"dp-noise-multiplier": "off"}).dp is None
+    dp = server_app.settings_from_run_config({"dp-noise-multiplier": 1, "dp-delta": 1e-6}).dp
+    assert (dp.noise_multiplier, dp.clipping_norm, dp.delta) == (1.0, 1.0, 1e-6)
 
 
 @pytest.mark.parametrize("config, message", [
@@ -43,6 +46,8 @@ def test_run_config_values_are_typed_and_paths_absolute(tmp_path, monkeypatch):
     ({"learning-rate": "fast"}, "run-config learning-rate = 'fast' must be a number"),
     ({"resume": 1}, "run-config resume = 1 must be true or false"),
     ({"data-dir": 3}, "run-config data-dir = 3 must be a string"),
+    ({"dp-noise-multiplier": "loud"},
+     "run-config dp-noise-multiplier = 'loud' must be a number or 'off'"),
     ({"rounds": 3}, "unknown run-config key(s) rounds; known: num-server-rounds, "),
 ])
 def test_bad_run_config_is_one_line(config, message):
