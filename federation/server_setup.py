@@ -45,6 +45,11 @@ class ServerSettings:
     results_dir: str = "results"
     resume: bool = False                # continue the run in results_dir from its newest round
     overwrite: bool = False             # replace a run already in results_dir
+    # Secure aggregation (SecAgg+, App path only): the server learns only the clients' sum.
+    secagg: bool = False
+    num_shares: int = 5                 # each client's secrets go to itself + 4 neighbours
+    reconstruction_threshold: int = 3   # shares that unmask a client / recover a dropout
+    clipping_range: float = 8.0         # SecAgg+ quantizes weights in +-this (largest seen: 2.6)
     # Settings of the transport (address, certificates, ...): recorded, never compared.
     transport: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -60,7 +65,34 @@ class ServerSettings:
                 return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
         if self.resume and self.overwrite:
             return "resume and --overwrite contradict each other: choose one"
+        if self.secagg:
+            return self.secagg_problem()
         return None
+
+    def secagg_problem(self) -> str | None:
+        """Why Flower's SecAgg+ cannot run with these settings (one line), or None."""
+        sampled = max(1, int(self.fraction_fit * self.min_clients))  # CheckedFedAvg's minimum
+        if self.num_shares < 3 or self.num_shares % 2 == 0:
+            # Flower needs > 2, and builds each client's ring of neighbours from
+            # num_shares // 2 on each side: an even number breaks its clients' key sharing.
+            return f"num-shares must be an odd number >= 3, got {self.num_shares}"
+        if not 2 <= self.reconstruction_threshold < self.num_shares:
+            return (f"reconstruction-threshold must be >= 2 and less than num-shares "
+                    f"({self.num_shares}), got {self.reconstruction_threshold}")
+        if self.num_shares > sampled:
+            return (f"num-shares {self.num_shares} is more than the {sampled} clients sampled "
+                    f"per round (min-clients x fraction-fit)")
+        if not self.clipping_range > 0:
+            return f"clipping-range must be > 0, got {self.clipping_range}"
+        if self.needs_individual_updates():
+            return (f"secagg cannot be combined with {', '.join(self.needs_individual_updates())}"
+                    ": it needs each client's own update, and SecAgg+ shows the server only "
+                    "their sum")
+        return None
+
+    def needs_individual_updates(self) -> list[str]:
+        """The settings switched on that need every client's own update, not just the sum."""
+        return []
 
 
 def centralized_evaluator(x_test: np.ndarray,
@@ -80,6 +112,10 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
         "seed": settings.seed, "round_timeout": settings.round_timeout,
         **settings.transport,
+        "secagg": settings.secagg,
+        **({"num_shares": settings.num_shares,
+            "reconstruction_threshold": settings.reconstruction_threshold,
+            "clipping_range": settings.clipping_range} if settings.secagg else {}),
         "data_dir": str(settings.data_dir), "results_dir": str(settings.results_dir),
         "manifest_sha256": manifest_sha256,
         "model": {name: "x".join(map(str, shape)) for name, shape in model.param_spec()},
@@ -163,6 +199,7 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
                     "learning_rate": settings.learning_rate},
         run_config=config, round_timeout=settings.round_timeout,
+        secagg_clipping_range=settings.clipping_range if settings.secagg else None,
     ), settings.rounds - done
 
 
