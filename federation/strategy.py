@@ -279,16 +279,17 @@ class CheckedFedAvg(FedAvg):
         the clients whose masked models are in it, and every one of them carries the same
         parameters, the average sum_k n_k w_k / sum_k n_k (float64, dequantized). Their
         num_examples and metrics are their own (SecAgg+ masks only the arrays). `failures`
-        are the clients that dropped out at any stage; one that drops out after sending its
-        masked model is in both (its model is in the average).
+        holds an error for each client that dropped out, at any stage, but Flower 1.41
+        reports a dropout in the masked-model stage twice, and one in the unmask stage,
+        whose model is in the average, too: so the round's failures are the sampled
+        clients whose model is not in the average.
         """
         true_round = self.offset + server_round
-        for failure in failures:
-            log(WARNING, "round %d: a client dropped out of SecAgg+: %s", true_round,
-                _failure_reason(failure))
+        for reason in dict.fromkeys(map(_failure_reason, failures)):  # each reason once
+            log(WARNING, "round %d: a client dropped out of SecAgg+: %s", true_round, reason)
         replies = [res for _, res in results]
         self._round.update(
-            clients_fit=len(replies), failures=len(failures),
+            clients_fit=len(replies), failures=self._round["clients_sampled"] - len(replies),
             bytes_received=sum(_masked_reply_bytes(res, self._global) for res in replies),
             train_loss=weighted_mean([(r.metrics.get("train_loss", math.nan), r.num_examples)
                                       for r in replies]),

@@ -455,7 +455,7 @@ def _secure_round(tmp_path, fit_results, failures, lines):
         results=results.ResultsDir(tmp_path, NAMES), total_rounds=1, min_clients=2,
         fit_config={}, progress=lines.append, secagg_clipping_range=8.0)
     manager = client_manager.TimeoutClientManager(timeout=1)
-    for cid in ("a", "b"):
+    for cid in ("a", "b", "c"):
         manager.register(_Proxy(cid))
     params = s.initialize_parameters(manager)
     s.evaluate(0, params)
@@ -473,7 +473,8 @@ def test_secure_aggregation_accepts_the_average_it_cannot_look_behind(tmp_path, 
     fits = [_fit_res(average, 30, partition=1, train_loss=0.2, train_accuracy=0.9),
             _fit_res(average, 10, partition=0, train_loss=0.6, train_accuracy=0.5)]
     with caplog.at_level(logging.WARNING):
-        new, record = _secure_round(tmp_path, fits, [Exception("node 3 dropped")], [])
+        # Flower reports a client that drops out before sending its masked model twice.
+        new, record = _secure_round(tmp_path, fits, [Exception("node 3 dropped")] * 2, [])
     arrays = parameters_to_ndarrays(new)
     assert [a.dtype for a in arrays] == [np.float32, np.float32]  # the model's dtype again
     np.testing.assert_array_equal(arrays[0], np.full((2, 3), 1.25, np.float32))
@@ -483,7 +484,7 @@ def test_secure_aggregation_accepts_the_average_it_cannot_look_behind(tmp_path, 
     masked = sum(len(ndarray_to_bytes(np.zeros(s, np.int64))) for s in [(1,), (2, 3), (3,)])
     assert masked < record["bytes_received"] / 2 < masked + 200
     assert caplog.text.count("SecAgg+ is on") == 1
-    assert "a client dropped out of SecAgg+: Exception: node 3 dropped" in caplog.text
+    assert caplog.text.count("a client dropped out of SecAgg+: Exception: node 3 dropped") == 1
 
 
 @pytest.mark.parametrize("average, reason", [
@@ -494,7 +495,7 @@ def test_secure_aggregation_accepts_the_average_it_cannot_look_behind(tmp_path, 
 def test_secure_aggregation_still_rejects_a_bad_average(tmp_path, caplog, average, reason):
     lines = []
     new, record = _secure_round(tmp_path, [_fit_res(average, 10, partition=0)], [], lines)
-    assert new is None and record["clients_fit"] == 1
+    assert new is None and (record["clients_fit"], record["failures"]) == (1, 2)
     assert f"rejected the securely aggregated model: {reason}" in caplog.text
     assert record["centralized_loss"] == 0.0  # the global model stayed as it was
 
