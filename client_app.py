@@ -15,6 +15,7 @@ With the run config's `secagg = true`, Flower's secaggplus_mod masks every model
 client sends, so that the server learns only the sum (server_app.py runs the server's side).
 """
 
+from flwr.app.message_type import MessageType
 from flwr.client import Client, ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -59,7 +60,8 @@ def _raise_training_errors(call_next: ClientAppCallable) -> ClientAppCallable:
     """
     def call(msg: Message, context: Context) -> Message:
         reply = call_next(msg, context)
-        if reply.has_content():
+        # secaggplus_mod passes evaluation messages through here too: only fit replies count.
+        if msg.metadata.message_type == MessageType.TRAIN and reply.has_content():
             metrics = recorddict_compat.recorddict_to_fitres(reply.content, True).metrics
             if "error" in metrics:
                 raise RuntimeError(f"training failed: {metrics['error']}")

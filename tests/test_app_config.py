@@ -186,3 +186,17 @@ def test_under_secagg_a_failed_fit_drops_out_instead_of_sending_an_empty_model(
         failed(msg, node({}))
     good = client_app._raise_training_errors(reply([np.ones(3, np.float32)], {"partition": 0}))
     assert good(msg, node({})).has_content()
+
+
+def test_under_secagg_evaluation_replies_pass_through(task_identity):
+    import client_app  # noqa: PLC0415
+    from flwr.app import Message  # noqa: PLC0415
+    from flwr.app.message_type import MessageType  # noqa: PLC0415
+    from flwr.common import Code, EvaluateIns, EvaluateRes, Parameters, Status  # noqa: PLC0415
+    from flwr.compat.common import recorddict_compat as compat  # noqa: PLC0415
+    msg = Message(compat.evaluateins_to_recorddict(EvaluateIns(Parameters([], ""), {}), True),
+                  dst_node_id=2, message_type=MessageType.EVALUATE)
+    res = EvaluateRes(Status(Code.OK, ""), 0.5, 10, {"partition": 0, "accuracy": 0.9})
+    evaluate = client_app._raise_training_errors(  # secaggplus_mod hands these on too
+        lambda m, _: Message(compat.evaluateres_to_recorddict(res), reply_to=m))
+    assert evaluate(msg, node({})).has_content()

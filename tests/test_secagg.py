@@ -58,8 +58,8 @@ def test_secagg_trains_within_the_quantization_error_of_fedavg(flwr_env, app_dat
     assert plain_run["status"] == "finished:completed"
 
     secagg, plain = records(tmp_path / "secagg"), records(tmp_path / "plain")
-    assert [(r["round"], r["clients_fit"], r["failures"]) for r in secagg] == [
-        (0, 0, 0), (1, CLIENTS, 0), (2, CLIENTS, 0)]
+    assert [(r["round"], r["clients_fit"], r["failures"], r["evaluate_failures"])
+            for r in secagg] == [(0, 0, 0, 0), (1, CLIENTS, 0, 0), (2, CLIENTS, 0, 0)]
     # int64 masked models instead of float32 ones: about twice the bytes.
     assert 1.9 < secagg[1]["bytes_received"] / plain[1]["bytes_received"] < 2.1
     bound = secagg_bound(shard_sizes(app_data), 8.0, 1.5)  # largest |weight| here: 1.3
