@@ -10,10 +10,17 @@ The Deployment Engine starts a fresh ClientApp process for every message, so eve
 message would compile the model's programs again; the persistent compilation cache
 (federation/compile_cache.py: $FL_JAX_CACHE_DIR on the SuperNode, else ~/.cache/...)
 makes every process after the first load them instead.
+
+With the run config's `secagg = true`, Flower's secaggplus_mod masks every model this
+client sends, so that the server learns only the sum (server_app.py runs the server's side).
 """
 
+from flwr.app.message_type import MessageType
 from flwr.client import Client, ClientApp
-from flwr.common import Context
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Context, Message
+from flwr.compat.common import recorddict_compat
 
 from client import MnistClient, load_client_data
 from federation import compile_cache, shards
@@ -32,4 +39,34 @@ def client_fn(context: Context) -> Client:
     return MnistClient(data, partition, int(context.run_config.get("seed", 0))).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's secaggplus_mod if the run config says `secagg = true`; else nothing.
+
+    secaggplus_mod is not a no-op in plain runs: it expects SecAgg+'s record in every
+    training message and fails plain FedAvg's with a KeyError. The run config decides
+    here, not the message, so a client of a SecAgg+ run never sends unmasked weights.
+    """
+    if context.run_config.get("secagg") is not True:
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, _raise_training_errors(call_next))
+
+
+def _raise_training_errors(call_next: ClientAppCallable) -> ClientAppCallable:
+    """call_next, but a failed fit raises instead of replying with an empty model.
+
+    MnistClient.fit reports a training error as ([], 0, {"error": ...}). SecAgg+ would mask
+    that empty model and add it to the others' (breaking the sum); raised, the error makes
+    this client drop out of the round, which SecAgg+ recovers from.
+    """
+    def call(msg: Message, context: Context) -> Message:
+        reply = call_next(msg, context)
+        # secaggplus_mod passes evaluation messages through here too: only fit replies count.
+        if msg.metadata.message_type == MessageType.TRAIN and reply.has_content():
+            metrics = recorddict_compat.recorddict_to_fitres(reply.content, True).metrics
+            if "error" in metrics:
+                raise RuntimeError(f"training failed: {metrics['error']}")
+        return reply
+    return call
+
+
+app = ClientApp(client_fn=client_fn, mods=[secagg_mod])

@@ -7,6 +7,13 @@ pyproject.toml, overridden with `--run-config`) into a ServerSettings and leaves
 (data checks, results directory, resume, CheckedFedAvg) to federation/server_setup.py.
 
     flwr run . --run-config "num-server-rounds=10 data-dir='/abs/path/data'"
+
+With `secagg = true` the rounds run through Flower's SecAgg+ workflow (Bonawitz et al.
+2017, "Practical Secure Aggregation for Privacy-Preserving Machine Learning"; SecAgg+:
+Bell et al. 2020): the clients mask their models so that the server learns only their
+weighted sum (client_app.py switches the clients' side on from the same key).
+
+    flwr run . --run-config "secagg=true num-shares=5 reconstruction-threshold=3"
 """
 
 import logging
@@ -14,12 +21,15 @@ from collections.abc import Mapping
 from logging import ERROR
 
 from flwr.common import Context, log
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import Grid, LegacyContext, ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.compat import start_grid
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from federation import compile_cache, shards
 from federation.client_manager import TimeoutClientManager
 from federation.server_setup import (ServerSettings, SetupError, TrueRoundLogFilter,
                                      build_strategy)
+from federation.strategy import CheckedFedAvg
 
 # Run-config key -> (ServerSettings field, accepted types). The keys and defaults are in
 # pyproject.toml; a test checks that they equal server.py's.
@@ -42,6 +52,10 @@ RUN_CONFIG_KEYS = {
     "dp-delta": ("dp_delta", (int, float)),
     "data-dir": ("data_dir", str),
     "results-dir": ("results_dir", str),
+    "secagg": ("secagg", bool),
+    "num-shares": ("num_shares", int),
+    "reconstruction-threshold": ("reconstruction_threshold", int),
+    "clipping-range": ("clipping_range", (int, float)),
 }
 OFF_KEYS = {"dp-noise-multiplier"}  # keys whose "off" is server.py's default of None
 
@@ -94,4 +108,39 @@ def server_fn(context: Context) -> ServerAppComponents:
         config=ServerConfig(num_rounds=rounds_left, round_timeout=settings.round_timeout))
 
 
-app = ServerApp(server_fn=server_fn)
+def secagg_workflow(settings: ServerSettings, strategy: CheckedFedAvg) -> DefaultWorkflow:
+    """FedAvg's rounds with SecAgg+ in place of the plain fit round."""
+    secagg = SecAggPlusWorkflow(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.reconstruction_threshold,
+        clipping_range=settings.clipping_range,
+        # A client sends its weights times n_k / max_weight, quantized after clipping to
+        # +-clipping_range. With the largest shard as max_weight that factor is <= 1, so
+        # the clipping never cuts an honest weight smaller than clipping_range (Flower's
+        # default, 1,000, would multiply a 5,400-example client's weights by 5.4 first).
+        max_weight=float(max(strategy.shard_sizes)),
+        timeout=settings.round_timeout)  # per stage: a round has four
+
+    def fit_round(grid: Grid, context: Context) -> None:
+        secagg(grid, context)
+        strategy.record_unaggregated_round()  # if too many dropped out to unmask the sum
+
+    return DefaultWorkflow(fit_workflow=fit_round)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the rounds: Flower's plain FedAvg loop, or SecAgg+ with `secagg = true`."""
+    components = server_fn(context)  # a bad run config fails the run here, with one line
+    settings = settings_from_run_config(context.run_config)  # checked by server_fn
+    if not settings.secagg:
+        # Exactly what ServerApp(server_fn=server_fn) runs: Flower's legacy server loop.
+        start_grid(grid=grid, config=components.config, strategy=components.strategy,
+                   client_manager=components.client_manager)
+        return
+    legacy = LegacyContext(context, config=components.config, strategy=components.strategy,
+                           client_manager=components.client_manager)
+    secagg_workflow(settings, components.strategy)(grid, legacy)

@@ -32,11 +32,11 @@ RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz
 # --round-timeout (liveness policy), --address, --certificates and the directory paths.
 RESUME_MUST_MATCH = ("seed", "fraction_fit", "local_epochs", "batch_size", "learning_rate",
                      "manifest_sha256", "model", "aggregation", "trim_fraction",
-                     "krum_malicious", "dp")
+                     "krum_malicious", "dp", "secagg")
 
 # A run_config.json written before a setting existed ran with that setting's value here.
 SAVED_BEFORE_SETTING = {"aggregation": "fedavg", "trim_fraction": None, "krum_malicious": None,
-                        "dp": None}
+                        "dp": None, "secagg": False}
 
 
 def resume_mismatch(saved: Mapping, current: Mapping) -> str | None:

@@ -23,6 +23,12 @@ that server.py (flwr.server.start_server) and a later ServerApp can share it:
 5. The rule (aggregation.py, privacy.py): FedAvg by default; a robust rule (median,
    trimmed mean, Krum) against poisoning clients; or DP-FedAvg (clip, average, add
    seeded Gaussian noise), with the privacy spent so far (ε) in every round's record.
+
+Under secure aggregation (SecAgg+, server_app.py with `secagg = true`) the server sees only
+the clients' weighted average, so 1. shrinks to checks on that average (_aggregate_secure).
+2. still holds on the server, whose masked sum is integer arithmetic, but SecAgg+'s clients
+round their weights stochastically (NumPy's unseeded global generator, in Flower's
+quantize), so two such runs differ within the quantization error.
 """
 
 import math
@@ -39,6 +45,7 @@ from flwr.common import (
     Parameters,
     Scalar,
     log,
+    ndarray_to_bytes,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
     serde,
@@ -53,7 +60,8 @@ from federation.aggregation import (Arrays, aggregate, krum_minimum_clients, upd
                                    weighted_mean)
 from federation.client_manager import TimeoutClientManager
 from federation.results import ResultsDir
-from federation.validation import MAX_UPDATE_RATIO, validate_evaluation, validate_update
+from federation.validation import (MAX_UPDATE_RATIO, validate_arrays, validate_evaluation,
+                                   validate_update)
 
 
 # The seeded random streams of a round are np.random.default_rng([seed, round, stream]):
@@ -74,6 +82,21 @@ def _failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExce
             return "connection closed"
         return f"{type(failure).__name__}: {failure}"
     return f"status {failure[1].status.code.name}: {failure[1].status.message}"
+
+
+def _reply_bytes(res: FitRes) -> int:
+    """The size of a fit reply as protobuf, i.e. on the wire (plain FedAvg)."""
+    return ClientMessage(fit_res=serde.fit_res_to_proto(res)).ByteSize()
+
+
+def _masked_reply_bytes(res: FitRes, global_arrays: Arrays) -> int:
+    """What one client sends in SecAgg+'s masked-vector stage: its reply without arrays (as
+    protobuf), plus its masked model: int64 arrays of the model's shapes and its weight,
+    as np.save bytes (secaggplus_mod). SecAgg+'s key-exchange messages are not counted."""
+    shapes = [(1,), *(a.shape for a in global_arrays)]
+    masked = sum(len(ndarray_to_bytes(np.zeros(shape, np.int64))) for shape in shapes)
+    metadata = FitRes(res.status, Parameters([], ""), res.num_examples, res.metrics)
+    return _reply_bytes(metadata) + masked
 
 
 def _sample(client_manager: ClientManager, num_clients: int, min_clients: int,
@@ -106,7 +129,8 @@ class CheckedFedAvg(FedAvg):
                  run_config: Mapping | None = None,
                  round_timeout: float | None = None, seed: int = 0,
                  aggregation: str = "fedavg", trim_fraction: float = 0.0,
-                 krum_malicious: int = 0, dp: privacy.DPConfig | None = None) -> None:
+                 krum_malicious: int = 0, dp: privacy.DPConfig | None = None,
+                 secagg_clipping_range: float | None = None) -> None:
         """Args:
           initial_arrays: the global model to start from (round 0, or the resumed round).
           array_names: one name per array, for checkpoints and messages.
@@ -125,6 +149,8 @@ class CheckedFedAvg(FedAvg):
           seed: the run's seed (DP-FedAvg's noise is drawn from [seed, round, 2]).
           aggregation, trim_fraction, krum_malicious: the rule (aggregation.aggregate).
           dp: DP-FedAvg's settings, or None for no differential privacy.
+          secagg_clipping_range: not None: the rounds run under SecAgg+, whose clients clip
+            every weight to +-this before masking (see _aggregate_secure).
         """
         super().__init__(
             # Wait for min_clients, train on fraction_fit of those connected (at least one),
@@ -147,6 +173,7 @@ class CheckedFedAvg(FedAvg):
         self.offset = self.records[-1]["round"] if self.records else 0  # rounds already done
         self.run_config = run_config
         self.round_timeout = round_timeout
+        self.secagg_clipping_range = secagg_clipping_range
         self._global: Arrays = list(initial_arrays)
         self._round: dict = {}
         self._sampled: list[ClientProxy] = []
@@ -193,6 +220,8 @@ class CheckedFedAvg(FedAvg):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Send every sampled client the global model and this round's settings."""
         true_round = self.offset + server_round
+        if self.secagg_clipping_range is not None and not self._round:  # once, in round 1
+            self._warn_secure_aggregation()
         self._global = parameters_to_ndarrays(parameters)
         sample_size, min_clients = self.num_fit_clients(client_manager.num_available())
         clients = _sample(client_manager, sample_size, min_clients, true_round)
@@ -207,6 +236,8 @@ class CheckedFedAvg(FedAvg):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate each update, then FedAvg the accepted ones in partition order."""
+        if self.secagg_clipping_range is not None:
+            return self._aggregate_secure(server_round, results, failures)
         true_round = self.offset + server_round
         self._log_failures(true_round, "failed", results, failures)
         accepted: dict[int, tuple[Arrays, int, Mapping]] = {}
@@ -221,7 +252,7 @@ class CheckedFedAvg(FedAvg):
         self._round.update(
             clients_fit=len(accepted), failures=len(failures) + rejected,
             bytes_received=sum(  # the size of each reply as protobuf, i.e. on the wire
-                ClientMessage(fit_res=serde.fit_res_to_proto(res)).ByteSize()
+                _reply_bytes(res)
                 for _, res in results + [f for f in failures if isinstance(f, tuple)]))
         ordered = [accepted[p] for p in sorted(accepted)]
         self._round.update(
@@ -267,6 +298,71 @@ class CheckedFedAvg(FedAvg):
         if reason is None:
             accepted[res.metrics["partition"]] = (arrays, res.num_examples, res.metrics)
         return reason
+
+    # -- training under secure aggregation (SecAgg+)
+
+    def _warn_secure_aggregation(self) -> None:
+        """Say, once per run, what the server can no longer check under SecAgg+."""
+        log(WARNING, "SecAgg+ is on: the server sees only the clients' weighted average, so "
+            "per-client update validation and robust aggregation are off (a bad update "
+            "cannot be detected or left out). Honest clients clip every weight to +-%g "
+            "before masking, which bounds a buggy client; a client running modified code "
+            "is not bound by it. The server still checks the average: array count, shapes, "
+            "finite values, distance from the global model.", self.secagg_clipping_range)
+
+    def _aggregate_secure(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                          failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Accept SecAgg+'s average after the checks that are left; record the round.
+
+        Flower's SecAggPlusWorkflow calls this once it has unmasked the sum: `results` are
+        the clients whose masked models are in it, and every one of them carries the same
+        parameters, the average sum_k n_k w_k / sum_k n_k (float64, dequantized). Their
+        num_examples and metrics are their own (SecAgg+ masks only the arrays). `failures`
+        holds an error for each client that dropped out, at any stage, but Flower 1.41
+        reports a dropout in the masked-model stage twice, and one in the unmask stage,
+        whose model is in the average, too: so the round's failures are the sampled
+        clients whose model is not in the average.
+        """
+        true_round = self.offset + server_round
+        for reason in dict.fromkeys(map(_failure_reason, failures)):  # each reason once
+            log(WARNING, "round %d: a client dropped out of SecAgg+: %s", true_round, reason)
+        replies = [res for _, res in results]
+        self._round.update(
+            clients_fit=len(replies), failures=self._round["clients_sampled"] - len(replies),
+            bytes_received=sum(_masked_reply_bytes(res, self._global) for res in replies),
+            train_loss=weighted_mean([(r.metrics.get("train_loss", math.nan), r.num_examples)
+                                      for r in replies]),
+            train_accuracy=weighted_mean([(r.metrics.get("train_accuracy", math.nan),
+                                           r.num_examples) for r in replies]))
+        if not replies:
+            log(WARNING, "round %d: no masked model; the global model stays as it was",
+                true_round)
+            return None, {}
+        # The same float32 arrays FedAvg would give (arrays too large for float32 become Inf).
+        average = [a.astype(np.float32) for a in parameters_to_ndarrays(replies[0].parameters)]
+        reason = validate_arrays(average, self._global, self.max_update_ratio, self.array_names)
+        if reason is not None:
+            log(WARNING, "round %d: rejected the securely aggregated model: %s; the global "
+                "model stays as it was", true_round, reason)
+            return None, {}
+        largest = max(float(np.abs(a).max(initial=0.0)) for a in average)
+        if largest > self.secagg_clipping_range / 2:  # honest weights may soon be clipped
+            log(WARNING, "round %d: the largest weight, %.3g, is over half of SecAgg+'s "
+                "clipping range %g; raise clipping-range", true_round, largest,
+                self.secagg_clipping_range)
+        return ndarrays_to_parameters(average), {
+            "train_loss": self._round["train_loss"],
+            "train_accuracy": self._round["train_accuracy"]}
+
+    def record_unaggregated_round(self) -> None:
+        """Record the fit of a round that ended without aggregate_fit (SecAgg+ gave up: too
+        few clients left to unmask the sum); every sampled client counts as failed."""
+        if not self._round or "clients_fit" in self._round:
+            return
+        log(WARNING, "round %d: SecAgg+ stopped (too few clients left to unmask the sum); "
+            "the global model stays as it was", self._round["round"])
+        self._round.update(clients_fit=0, failures=self._round["clients_sampled"],
+                           bytes_received=0, train_loss=None, train_accuracy=None)
 
     # -- federated evaluation, end of round
 

@@ -53,6 +53,18 @@ def validate_update(arrays: Arrays, num_examples: int, metrics: Mapping[str, obj
     if num_examples > shard_sizes[partition]:
         return (f"num_examples {num_examples} exceeds the {shard_sizes[partition]} training "
                 f"examples of partition {partition}")
+    return validate_arrays(arrays, global_arrays, max_update_ratio, names)
+
+
+def validate_arrays(arrays: Arrays, global_arrays: Arrays,
+                    max_update_ratio: float = MAX_UPDATE_RATIO,
+                    names: Sequence[str] | None = None) -> str | None:
+    """Why arrays cannot stand for a model next to the global one, or None.
+
+    The part of validate_update that looks at the arrays alone: the same number, shapes
+    and dtypes as the global model, finite, and at most max_update_ratio * max(||global||,
+    1) away from it. Under SecAgg+ it is all that can be checked, on the aggregate.
+    """
     if len(arrays) != len(global_arrays):
         return f"{len(arrays)} arrays, expected {len(global_arrays)}"
     names = names or [f"array {i}" for i in range(len(arrays))]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 
 import server
@@ -94,3 +95,113 @@ def test_client_fn_builds_the_nodes_client(three_shards):
     numpy_client = client.numpy_client
     assert (numpy_client.partition, numpy_client.seed) == (2, 7)
     assert numpy_client.get_properties({}) == {"partition": 2}
+
+
+# ------------------------------------------------------------------ SecAgg+ (no processes)
+
+@pytest.mark.parametrize("settings, message", [
+    ({"num_shares": 4}, "num-shares must be an odd number >= 3, got 4"),
+    ({"num_shares": 1}, "num-shares must be an odd number >= 3, got 1"),
+    ({"reconstruction_threshold": 5},
+     "reconstruction-threshold must be >= 2 and less than num-shares (5), got 5"),
+    ({"reconstruction_threshold": 1},
+     "reconstruction-threshold must be >= 2 and less than num-shares (5), got 1"),
+    ({"num_shares": 7, "fraction_fit": 0.5},
+     "num-shares 7 is more than the 5 clients sampled per round (min-clients x fraction-fit)"),
+    ({"min_clients": 3}, "num-shares 5 is more than the 3 clients sampled per round"),
+    ({"clipping_range": 0.0}, "clipping-range must be > 0, got 0.0"),
+])
+def test_secagg_settings_that_cannot_run_are_one_line(settings, message):
+    assert ServerSettings(secagg=True, **settings).problem().startswith(message)
+    assert ServerSettings(secagg=False, **settings).problem() is None  # only checked when on
+
+
+def test_secagg_defaults_are_accepted_by_flowers_workflow():
+    from flwr.server.workflow import SecAggPlusWorkflow  # noqa: PLC0415
+    settings = ServerSettings(secagg=True)
+    assert settings.problem() is None
+    SecAggPlusWorkflow(settings.num_shares, settings.reconstruction_threshold,
+                       clipping_range=settings.clipping_range)  # raises on what it rejects
+    for threshold in (2, settings.num_shares - 1):  # the edges this check allows
+        assert ServerSettings(secagg=True, reconstruction_threshold=threshold).problem() is None
+
+
+def test_bad_secagg_run_config_fails_before_anything_starts(caplog):
+    with pytest.raises(SetupError) as error:
+        server_app.server_fn(node({}, {"secagg": True, "num-shares": 4,
+                                       "data-dir": "/nonexistent/data"}))
+    assert str(error.value) == "num-shares must be an odd number >= 3, got 4"  # not the data
+    assert f"server_app: error: {error.value}" in caplog.text
+    with pytest.raises(SetupError, match="run-config secagg = 1 must be true or false"):
+        server_app.settings_from_run_config({"secagg": 1})
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """The process identity a Message is stamped with (Flower sets it in a ClientApp)."""
+    from flwr.supercore.task_identity import TaskIdentity  # noqa: PLC0415
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def _train_message():
+    """A training message as Flower's plain fit round sends it."""
+    from flwr.app import Message  # noqa: PLC0415
+    from flwr.app.message_type import MessageType  # noqa: PLC0415
+    from flwr.common import FitIns, ndarrays_to_parameters  # noqa: PLC0415
+    from flwr.compat.common import recorddict_compat  # noqa: PLC0415
+    content = recorddict_compat.fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters([np.zeros(3, np.float32)]), {}), True)
+    return Message(content=content, dst_node_id=2, message_type=MessageType.TRAIN)
+
+
+def test_the_secagg_mod_runs_only_when_the_run_config_says_so(task_identity):
+    import client_app  # noqa: PLC0415
+    from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
+    msg, called = _train_message(), []
+    def call_next(m, _):
+        called.append(m)
+        return "reply"
+    # Flower's mod alone is not a no-op: it fails plain FedAvg's training messages.
+    with pytest.raises(KeyError, match="secaggplus_configs"):
+        secaggplus_mod(msg, node({}, {"secagg": False}), call_next)
+    for run_config in ({}, {"secagg": False}):
+        assert client_app.secagg_mod(msg, node({}, run_config), call_next) == "reply"
+    assert called == [msg, msg]
+    # With secagg on, a plain training message is refused, never answered unmasked.
+    with pytest.raises(KeyError, match="secaggplus_configs"):
+        client_app.secagg_mod(msg, node({}, {"secagg": True}), call_next)
+    assert len(called) == 2
+
+
+def test_under_secagg_a_failed_fit_drops_out_instead_of_sending_an_empty_model(
+        task_identity):
+    import client_app  # noqa: PLC0415
+    from flwr.app import Message  # noqa: PLC0415
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters  # noqa: PLC0415
+    from flwr.compat.common import recorddict_compat  # noqa: PLC0415
+    msg = _train_message()
+    def reply(arrays, metrics):
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), len(arrays), metrics)
+        return lambda m, _: Message(recorddict_compat.fitres_to_recorddict(res, True),
+                                    reply_to=m)
+    failed = client_app._raise_training_errors(  # what MnistClient.fit sends on an error
+        reply([], {"partition": 0, "error": "ValueError: boom"}))
+    with pytest.raises(RuntimeError, match="training failed: ValueError: boom"):
+        failed(msg, node({}))
+    good = client_app._raise_training_errors(reply([np.ones(3, np.float32)], {"partition": 0}))
+    assert good(msg, node({})).has_content()
+
+
+def test_under_secagg_evaluation_replies_pass_through(task_identity):
+    import client_app  # noqa: PLC0415
+    from flwr.app import Message  # noqa: PLC0415
+    from flwr.app.message_type import MessageType  # noqa: PLC0415
+    from flwr.common import Code, EvaluateIns, EvaluateRes, Parameters, Status  # noqa: PLC0415
+    from flwr.compat.common import recorddict_compat as compat  # noqa: PLC0415
+    msg = Message(compat.evaluateins_to_recorddict(EvaluateIns(Parameters([], ""), {}), True),
+                  dst_node_id=2, message_type=MessageType.EVALUATE)
+    res = EvaluateRes(Status(Code.OK, ""), 0.5, 10, {"partition": 0, "accuracy": 0.9})
+    evaluate = client_app._raise_training_errors(  # secaggplus_mod hands these on too
+        lambda m, _: Message(compat.evaluateres_to_recorddict(res), reply_to=m))
+    assert evaluate(msg, node({})).has_content()

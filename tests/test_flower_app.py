@@ -62,13 +62,14 @@ def flwr_env(tmp_path_factory):
         proc.kill()
 
 
-def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS) -> tuple[str, dict]:
-    """`flwr run . --stream` with these settings -> (its output, the run's `flwr ls` record)."""
+def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS,
+             app: pathlib.Path = REPO) -> tuple[str, dict]:
+    """`flwr run . --stream` in `app` with these settings -> (output, the run's `flwr ls` record)."""
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
                       for k, v in run_config.items())
     cmd = [FLWR, "run", ".", "--stream", "--run-config", config,
            "--federation-config", f"num-supernodes={num_supernodes}"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=240)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{shlex.join(cmd)} failed:\n{output}"
     listed = subprocess.run([FLWR, "ls", "--format", "json"], cwd=REPO, env=env,

