@@ -164,6 +164,10 @@ def test_epsilon_grows_with_rounds_and_matches_theory_for_full_participation():
     ({"aggregation": "median", "dp_noise_multiplier": 1.0},
      "dp-noise-multiplier works with aggregation fedavg only"),
     ({"aggregation": "mean"}, "aggregation 'mean' is not one of fedavg, median, "),
+    ({"secagg": True, "dp_noise_multiplier": 1.0},
+     "secagg cannot be combined with dp-noise-multiplier: it needs each client's own update"),
+    ({"secagg": True, "aggregation": "krum"},
+     "secagg cannot be combined with aggregation krum: it needs each client's own update"),
 ])
 def test_bad_protection_settings_are_one_line(changes, message):
     problem = ServerSettings(**changes).problem()
