@@ -106,6 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         rounds=args.rounds, min_clients=args.min_clients, fraction_fit=args.fraction_fit,
         local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, round_timeout=args.round_timeout,
+        proximal_mu=args.proximal_mu,
         data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
         overwrite=args.overwrite,
         transport={"address": args.address, "certificates": args.certificates})
@@ -180,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clients' mini-batch size (default: %(default)s)")
     p.add_argument("--learning-rate", type=float, default=model.LEARNING_RATE,
                    help="clients' learning rate (default: %(default)s)")
+    p.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
+                   help="FedProx (Li et al. 2020): clients add MU/2 ||w - w_global||^2 to "
+                        "their loss, which limits their drift on non-IID data; 0 is FedAvg "
+                        "(default: %(default)s)")
     p.add_argument("--data-dir", default="data",
                    help="directory written by partition_data.py; the server reads "
                         "manifest.json and test.npz (default: %(default)s)")

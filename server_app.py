@@ -30,6 +30,7 @@ RUN_CONFIG_KEYS = {
     "local-epochs": ("local_epochs", int),
     "batch-size": ("batch_size", int),
     "learning-rate": ("learning_rate", (int, float)),
+    "proximal-mu": ("proximal_mu", (int, float)),
     "seed": ("seed", int),
     "round-timeout": ("round_timeout", (int, float)),
     "resume": ("resume", bool),

@@ -30,14 +30,18 @@ RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz
 # Everything else may change on --resume: --rounds (to extend a run), --min-clients and
 # --round-timeout (liveness policy), --address, --certificates and the directory paths.
 RESUME_MUST_MATCH = ("seed", "fraction_fit", "local_epochs", "batch_size", "learning_rate",
+                     "proximal_mu",
                      "manifest_sha256", "model")
+# What a setting added later was before it existed, for runs saved before then.
+ADDED_LATER = {"proximal_mu": 0.0}
 
 
 def resume_mismatch(saved: Mapping, current: Mapping) -> str | None:
     """The first setting that differs between a saved run_config and this run's, or None."""
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != current.get(key):
-            return f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+        before, now = (config.get(key, ADDED_LATER.get(key)) for config in (saved, current))
+        if before != now:
+            return f"{key} was {before!r}, now {now!r}"
     return None
 
 

@@ -10,6 +10,7 @@ resumed) and build the `CheckedFedAvg` strategy.
 import dataclasses
 import importlib.metadata
 import logging
+import math
 from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
@@ -40,6 +41,7 @@ class ServerSettings:
     batch_size: int = model.BATCH_SIZE
     learning_rate: float = model.LEARNING_RATE
     seed: int = 0                       # seed of the initial global model
+    proximal_mu: float = 0.0            # FedProx's mu, sent to clients (0: plain FedAvg)
     round_timeout: float = 300.0        # seconds to wait for clients and for their answers
     data_dir: str = "data"
     results_dir: str = "results"
@@ -58,6 +60,8 @@ class ServerSettings:
         for name in ("learning_rate", "round_timeout"):
             if not getattr(self, name) > 0:
                 return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+        if not 0.0 <= self.proximal_mu < math.inf:
+            return f"proximal-mu must be a number >= 0, got {self.proximal_mu}"
         if self.resume and self.overwrite:
             return "resume and --overwrite contradict each other: choose one"
         return None
@@ -79,6 +83,7 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
         "fraction_fit": settings.fraction_fit, "local_epochs": settings.local_epochs,
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
         "seed": settings.seed, "round_timeout": settings.round_timeout,
+        "proximal_mu": settings.proximal_mu,
         **settings.transport,
         "data_dir": str(settings.data_dir), "results_dir": str(settings.results_dir),
         "manifest_sha256": manifest_sha256,
@@ -161,7 +166,8 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         total_rounds=settings.rounds, min_clients=settings.min_clients,
         fraction_fit=settings.fraction_fit, records=records,
         fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
-                    "learning_rate": settings.learning_rate},
+                    "learning_rate": settings.learning_rate,
+                    "proximal_mu": settings.proximal_mu},
         run_config=config, round_timeout=settings.round_timeout,
     ), settings.rounds - done
 
