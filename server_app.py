@@ -31,6 +31,9 @@ RUN_CONFIG_KEYS = {
     "batch-size": ("batch_size", int),
     "learning-rate": ("learning_rate", (int, float)),
     "proximal-mu": ("proximal_mu", (int, float)),
+    "server-optimizer": ("server_optimizer", str),
+    "server-learning-rate": ("server_learning_rate", (int, float)),
+    "server-momentum": ("server_momentum", (int, float)),
     "seed": ("seed", int),
     "round-timeout": ("round_timeout", (int, float)),
     "resume": ("resume", bool),
@@ -38,6 +41,8 @@ RUN_CONFIG_KEYS = {
     "data-dir": ("data_dir", str),
     "results-dir": ("results_dir", str),
 }
+# Keys whose default depends on server-optimizer: not in pyproject.toml (TOML has no null).
+DEFAULT_FROM_OPTIMIZER = ("server-learning-rate", "server-momentum")
 
 
 def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings:

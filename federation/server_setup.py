@@ -20,7 +20,7 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import shards
+from federation import server_optimizers, shards
 from federation.aggregation import Arrays
 from federation.results import ResultsDir, resume_mismatch
 from federation.strategy import CheckedFedAvg
@@ -42,6 +42,9 @@ class ServerSettings:
     learning_rate: float = model.LEARNING_RATE
     seed: int = 0                       # seed of the initial global model
     proximal_mu: float = 0.0            # FedProx's mu, sent to clients (0: plain FedAvg)
+    server_optimizer: str = "fedavg"    # fedavg | fedavgm | fedadam | fedyogi
+    server_learning_rate: float | None = None  # None: the server optimizer's default
+    server_momentum: float | None = None       # None: the server optimizer's default
     round_timeout: float = 300.0        # seconds to wait for clients and for their answers
     data_dir: str = "data"
     results_dir: str = "results"
@@ -62,6 +65,10 @@ class ServerSettings:
                 return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
         if not 0.0 <= self.proximal_mu < math.inf:
             return f"proximal-mu must be a number >= 0, got {self.proximal_mu}"
+        problem = server_optimizers.problem(self.server_optimizer, self.server_learning_rate,
+                                            self.server_momentum)
+        if problem:
+            return problem
         if self.resume and self.overwrite:
             return "resume and --overwrite contradict each other: choose one"
         return None
@@ -76,6 +83,12 @@ def centralized_evaluator(x_test: np.ndarray,
     return evaluate
 
 
+def server_optimizer_config(settings: ServerSettings) -> dict[str, Any]:
+    """The server optimizer with every setting filled in, as run_config.json records it."""
+    return server_optimizers.settings(settings.server_optimizer, settings.server_learning_rate,
+                                      settings.server_momentum)
+
+
 def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
     """Every setting of this run, plus what identifies its data and model (run_config.json)."""
     return {
@@ -84,6 +97,7 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
         "seed": settings.seed, "round_timeout": settings.round_timeout,
         "proximal_mu": settings.proximal_mu,
+        "server_optimizer": server_optimizer_config(settings),
         **settings.transport,
         "data_dir": str(settings.data_dir), "results_dir": str(settings.results_dir),
         "manifest_sha256": manifest_sha256,
@@ -158,6 +172,13 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
     else:
         records, done = [], 0
         arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
+    server_optimizer = server_optimizers.ServerOptimizer(server_optimizer_config(settings),
+                                                         arrays, names)
+    if settings.resume and server_optimizer.state is not None:
+        try:
+            server_optimizer.load_state(results.load_server_state(done))
+        except ValueError as e:
+            raise SetupError(f"cannot resume {settings.results_dir}: {e}") from e
     return CheckedFedAvg(
         initial_arrays=arrays, array_names=names,
         shard_sizes=[p["num_train"] for p in partitions],
@@ -169,6 +190,7 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
                     "learning_rate": settings.learning_rate,
                     "proximal_mu": settings.proximal_mu},
         run_config=config, round_timeout=settings.round_timeout,
+        server_optimizer=server_optimizer,
     ), settings.rounds - done
 
 

@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 from flwr.common import (
     EvaluateIns,
@@ -48,6 +49,9 @@ from federation.aggregation import Arrays, fedavg, weighted_mean
 from federation.client_manager import TimeoutClientManager
 from federation.results import ResultsDir
 from federation.validation import MAX_UPDATE_RATIO, validate_evaluation, validate_update
+
+if TYPE_CHECKING:  # server_optimizers.py needs JAX; this file does not
+    from federation.server_optimizers import ServerOptimizer
 
 
 def print_progress(line: str) -> None:
@@ -92,7 +96,8 @@ class CheckedFedAvg(FedAvg):
                  records: Sequence[dict] = (), max_update_ratio: float = MAX_UPDATE_RATIO,
                  progress: Callable[[str], None] = print_progress,
                  run_config: Mapping | None = None,
-                 round_timeout: float | None = None) -> None:
+                 round_timeout: float | None = None,
+                 server_optimizer: "ServerOptimizer | None" = None) -> None:
         """Args:
           initial_arrays: the global model to start from (round 0, or the resumed round).
           array_names: one name per array, for checkpoints and messages.
@@ -108,6 +113,8 @@ class CheckedFedAvg(FedAvg):
           progress: receives one line per round.
           run_config: written to run_config.json when the run starts (None: not written).
           round_timeout: the server's --round-timeout, to tell a timeout from a crash.
+          server_optimizer: takes the step from the aggregate to the new global model and
+            keeps its state (server_optimizers.py); None: the aggregate itself (FedAvg).
         """
         super().__init__(
             # Wait for min_clients, train on fraction_fit of those connected (at least one),
@@ -130,6 +137,7 @@ class CheckedFedAvg(FedAvg):
         self.offset = self.records[-1]["round"] if self.records else 0  # rounds already done
         self.run_config = run_config
         self.round_timeout = round_timeout
+        self.server_optimizer = server_optimizer
         self._global: Arrays = list(initial_arrays)
         self._round: dict = {}
         self._sampled: list[ClientProxy] = []
@@ -210,9 +218,16 @@ class CheckedFedAvg(FedAvg):
             log(WARNING, "round %d: no valid update; the global model stays as it was", true_round)
             return None, {}
         aggregated = fedavg([(arrays, n) for arrays, n, _ in ordered])
-        return ndarrays_to_parameters(aggregated), {
+        new_global = self._server_step(aggregated)
+        return ndarrays_to_parameters(new_global), {
             "train_loss": self._round["train_loss"],
             "train_accuracy": self._round["train_accuracy"]}
+
+    def _server_step(self, aggregated: Arrays) -> Arrays:
+        """The server optimizer's step from this round's global model (FedAvg: the aggregate)."""
+        if self.server_optimizer is None:
+            return aggregated
+        return self.server_optimizer.step(self._global, aggregated)
 
     def _check_fit_result(self, res: FitRes, accepted: dict) -> str | None:
         """Add a valid result to `accepted` (keyed by partition); else return why not."""
@@ -311,7 +326,9 @@ class CheckedFedAvg(FedAvg):
         if "start" in record:
             record["round_seconds"] = round(time.perf_counter() - record.pop("start"), 3)
         self.records.append(record)
-        self.results.save_round(self.records, self._global)
+        server_state = None if self.server_optimizer is None else (
+            self.server_optimizer.state_arrays())
+        self.results.save_round(self.records, self._global, server_state)
         self.progress(progress_line(record, self.total_rounds))
 
 
