@@ -15,10 +15,11 @@ b2, eps=tau), optax.yogi(eta, b1, b2, eps=tau). The momentum methods carry state
 from round to round; it is saved with every round (results.py) and restored on --resume.
 
 Settings. From the paper: b1 = 0.9 and b2 = 0.99 for FedAdam/FedYogi, tau = 1e-3 (its
-adaptivity parameter, optax's eps), and momentum 0.9 for FedAvgM. Chosen here, since the
-paper tunes eta per task on a grid: eta = 1.0 for FedAvgM (FedAvg's own step; Hsu et al.)
-and eta = 0.01 for FedAdam/FedYogi (the middle of the paper's best values; Flower's FedYogi
-default). --server-momentum sets FedAvgM's beta and FedAdam's/FedYogi's b1.
+adaptivity parameter, optax's eps), and momentum 0.9 for FedAvgM. The paper tunes eta per
+task, so the defaults are chosen here: eta = 1.0 for FedAvgM (FedAvg's own step size) and
+eta = 0.01 for FedAdam/FedYogi (Flower's FedYogi default); benchmarks/bench_noniid.py
+measures a grid around them. --server-momentum sets FedAvgM's beta and FedAdam's/FedYogi's
+b1.
 Two differences from the paper's pseudo-code, both optax's (and Kingma & Ba's) Adam: m and
 v are bias-corrected (m^ = m / (1 - b1^t)), as Flower's FedAdam also does; Yogi's m and v
 start at optax's 1e-6 = tau^2 (the paper asks for v >= tau^2).
