@@ -124,7 +124,8 @@ class MnistClient(NumPyClient):
             model.ndarrays_to_params(parameters), self.data.x_train, labels,
             epochs=epochs, batch_size=int(config["batch_size"]),
             learning_rate=float(config["learning_rate"]),
-            key=round_key(self.seed, server_round, self.partition))
+            key=round_key(self.seed, server_round, self.partition),
+            proximal_mu=float(config.get("proximal_mu", 0.0)))  # FedProx; none sent: 0
         log(INFO, "round %d: train loss %.4f, accuracy %.2f%% (%.1f s)", server_round,
             metrics["loss"], 100 * metrics["accuracy"], time.perf_counter() - start)
         arrays = model.params_to_ndarrays(params)

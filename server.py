@@ -27,6 +27,7 @@ from there. Allowed to change: --rounds (to extend a run), --min-clients,
 (seed, --fraction-fit, local-training settings, the aggregation rule, DP, the data and
 the model) must match, or the server refuses. A resumed run ends bit-identical to an uninterrupted one: which
 clients train in a round depends only on --seed, the round and the connected partitions.
+The server optimizer and its settings must match too; its state is part of the checkpoint.
 """
 
 import argparse
@@ -114,6 +115,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         rounds=args.rounds, min_clients=args.min_clients, fraction_fit=args.fraction_fit,
         local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, round_timeout=args.round_timeout,
+        proximal_mu=args.proximal_mu, server_optimizer=args.server_optimizer,
+        server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
         data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
         overwrite=args.overwrite, aggregation=args.aggregation,
         trim_fraction=args.trim_fraction, krum_malicious=args.krum_malicious,
@@ -191,6 +194,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clients' mini-batch size (default: %(default)s)")
     p.add_argument("--learning-rate", type=float, default=model.LEARNING_RATE,
                    help="clients' learning rate (default: %(default)s)")
+    p.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
+                   help="FedProx (Li et al. 2020): clients add MU/2 ||w - w_global||^2 to "
+                        "their loss, which limits their drift on non-IID data; 0 is FedAvg "
+                        "(default: %(default)s)")
+    p.add_argument("--server-optimizer", default="fedavg", metavar="NAME",
+                   help="how the server moves the global model to the clients' average: "
+                        "fedavg (it becomes the average), or an optimizer step on "
+                        "global - average (Reddi et al. 2021): fedavgm (momentum), fedadam, "
+                        "fedyogi (default: %(default)s)")
+    p.add_argument("--server-learning-rate", type=float, metavar="ETA",
+                   help="the server optimizer's step size (default: 1.0 for fedavgm, 0.01 "
+                        "for fedadam and fedyogi; fedavg takes none)")
+    p.add_argument("--server-momentum", type=float, metavar="BETA",
+                   help="fedavgm's momentum, fedadam's and fedyogi's beta1, in [0, 1) "
+                        "(default: 0.9; fedavg takes none)")
     p.add_argument("--data-dir", default="data",
                    help="directory written by partition_data.py; the server reads "
                         "manifest.json and test.npz (default: %(default)s)")

@@ -40,6 +40,10 @@ RUN_CONFIG_KEYS = {
     "local-epochs": ("local_epochs", int),
     "batch-size": ("batch_size", int),
     "learning-rate": ("learning_rate", (int, float)),
+    "proximal-mu": ("proximal_mu", (int, float)),
+    "server-optimizer": ("server_optimizer", str),
+    "server-learning-rate": ("server_learning_rate", (int, float)),
+    "server-momentum": ("server_momentum", (int, float)),
     "seed": ("seed", int),
     "round-timeout": ("round_timeout", (int, float)),
     "resume": ("resume", bool),
@@ -58,6 +62,8 @@ RUN_CONFIG_KEYS = {
     "clipping-range": ("clipping_range", (int, float)),
 }
 OFF_KEYS = {"dp-noise-multiplier"}  # keys whose "off" is server.py's default of None
+# Keys whose default depends on server-optimizer: not in pyproject.toml (TOML has no null).
+DEFAULT_FROM_OPTIMIZER = ("server-learning-rate", "server-momentum")
 
 
 def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings:

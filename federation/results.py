@@ -1,7 +1,8 @@
 """The results directory: metrics, run settings and one model per round, written atomically.
 
 It is also the checkpoint a stopped run resumes from: metrics.json is the commit point,
-written after the round's model, so a round listed there always has its model on disk.
+written after the round's model, so a round listed there always has its model on disk
+(and, with a server optimizer that keeps state, that state: server_optimizer_round_<r>.npz).
 """
 
 import csv
@@ -32,11 +33,12 @@ RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz
 # --round-timeout (liveness policy), --address, --certificates and the directory paths.
 RESUME_MUST_MATCH = ("seed", "fraction_fit", "local_epochs", "batch_size", "learning_rate",
                      "manifest_sha256", "model", "aggregation", "trim_fraction",
-                     "krum_malicious", "dp", "secagg")
+                     "krum_malicious", "dp", "secagg", "proximal_mu", "server_optimizer")
 
 # A run_config.json written before a setting existed ran with that setting's value here.
 SAVED_BEFORE_SETTING = {"aggregation": "fedavg", "trim_fraction": None, "krum_malicious": None,
-                        "dp": None, "secagg": False}
+                        "dp": None, "secagg": False, "proximal_mu": 0.0,
+                        "server_optimizer": {"name": "fedavg"}}
 
 
 def resume_mismatch(saved: Mapping, current: Mapping) -> str | None:
@@ -94,6 +96,10 @@ class ResultsDir:
         """Where the global model after `server_round` is saved."""
         return self.root / f"model_round_{server_round}.npz"
 
+    def server_state_path(self, server_round: int) -> pathlib.Path:
+        """Where the server optimizer's state after `server_round` is saved."""
+        return self.root / f"server_optimizer_round_{server_round}.npz"
+
     def problem(self) -> str | None:
         """Why this path cannot be a results directory (one line), or None. Reads only."""
         for path in (self.root, *self.root.parents):
@@ -111,7 +117,8 @@ class ResultsDir:
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.iterdir()
-                      if p.name in RUN_FILES or p.match("model_round_*.npz"))
+                      if p.name in RUN_FILES or p.match("model_round_*.npz")
+                      or p.match("server_optimizer_round_*.npz"))
 
     def clear(self) -> None:
         """Remove the files a previous run left: the ones this class writes, and the plot
@@ -133,17 +140,27 @@ class ResultsDir:
         text = json.dumps(config, indent=2) + "\n"
         _write_atomic(self.root / "run_config.json", lambda f: f.write(text.encode()))
 
-    def save_round(self, records: Sequence[Mapping], arrays: Arrays) -> None:
-        """Save the global model after the last record's round, then the metrics."""
+    def save_round(self, records: Sequence[Mapping], arrays: Arrays,
+                   server_state: Mapping[str, np.ndarray] | None = None) -> None:
+        """Save the global model after the last record's round (and the server optimizer's
+        state, if it keeps one), then the metrics."""
         server_round = records[-1]["round"]
         named = dict(zip(self.array_names, arrays, strict=True))
         self.root.mkdir(parents=True, exist_ok=True)
+        if server_state is not None:
+            _write_atomic(self.server_state_path(server_round),
+                          lambda f: np.savez(f, **server_state))
         for path in (self.model_path(server_round), self.root / "global_model.npz"):
             _write_atomic(path, lambda f: np.savez(f, **named))
         clean = [{k: _finite_or_none(r.get(k)) for k in METRIC_FIELDS} for r in records]
         text = json.dumps(clean, indent=2) + "\n"
         _write_atomic(self.root / "metrics.csv", lambda f: f.write(metrics_csv(clean).encode()))
         _write_atomic(self.root / "metrics.json", lambda f: f.write(text.encode()))
+        # Committed: older optimizer states are never resumed from (only the newest round
+        # is), and each is twice the model's size.
+        for path in self.root.glob("server_optimizer_round_*.npz"):
+            if path != self.server_state_path(server_round):
+                path.unlink(missing_ok=True)
 
     def load_arrays(self, path: pathlib.Path) -> Arrays:
         """Arrays of a saved model, in array_names order."""
@@ -151,6 +168,16 @@ class ResultsDir:
             if sorted(npz.files) != sorted(self.array_names):
                 raise ValueError(f"{path} holds {sorted(npz.files)}, expected {self.array_names}")
             return [npz[name] for name in self.array_names]
+
+    def load_server_state(self, server_round: int) -> dict[str, np.ndarray]:
+        """The server optimizer's saved state after `server_round`; ValueError if none."""
+        path = self.server_state_path(server_round)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the server optimizer's state of round {server_round} cannot "
+                             f"be read ({type(e).__name__}: {e})") from e
 
     def load_checkpoint(self) -> tuple[dict, list[dict], Arrays]:
         """(run_config, metric records, global model after the last recorded round).

@@ -10,6 +10,7 @@ resumed) and build the `CheckedFedAvg` strategy.
 import dataclasses
 import importlib.metadata
 import logging
+import math
 from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import privacy, shards
+from federation import privacy, server_optimizers, shards
 from federation.aggregation import RULES, Arrays, krum_minimum_clients
 from federation.results import ResultsDir, resume_mismatch
 from federation.strategy import CheckedFedAvg
@@ -40,6 +41,10 @@ class ServerSettings:
     batch_size: int = model.BATCH_SIZE
     learning_rate: float = model.LEARNING_RATE
     seed: int = 0                       # seed of the initial global model
+    proximal_mu: float = 0.0            # FedProx's mu, sent to clients (0: plain FedAvg)
+    server_optimizer: str = "fedavg"    # fedavg | fedavgm | fedadam | fedyogi
+    server_learning_rate: float | None = None  # None: the server optimizer's default
+    server_momentum: float | None = None       # None: the server optimizer's default
     round_timeout: float = 300.0        # seconds to wait for clients and for their answers
     data_dir: str = "data"
     results_dir: str = "results"
@@ -69,6 +74,12 @@ class ServerSettings:
         for name in ("learning_rate", "round_timeout"):
             if not getattr(self, name) > 0:
                 return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+        if not 0.0 <= self.proximal_mu < math.inf:
+            return f"proximal-mu must be a number >= 0, got {self.proximal_mu}"
+        problem = server_optimizers.problem(self.server_optimizer, self.server_learning_rate,
+                                            self.server_momentum)
+        if problem:
+            return problem
         if self.resume and self.overwrite:
             return "resume and --overwrite contradict each other: choose one"
         return (self.rule_problem() or (self.dp.problem() if self.dp else None)
@@ -146,6 +157,12 @@ def centralized_evaluator(x_test: np.ndarray,
     return evaluate
 
 
+def server_optimizer_config(settings: ServerSettings) -> dict[str, Any]:
+    """The server optimizer with every setting filled in, as run_config.json records it."""
+    return server_optimizers.settings(settings.server_optimizer, settings.server_learning_rate,
+                                      settings.server_momentum)
+
+
 def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
     """Every setting of this run, plus what identifies its data and model (run_config.json)."""
     return {
@@ -159,6 +176,8 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
                           else None),
         "krum_malicious": settings.krum_malicious if settings.aggregation == "krum" else None,
         "dp": dataclasses.asdict(settings.dp) if settings.dp else None,
+        "proximal_mu": settings.proximal_mu,
+        "server_optimizer": server_optimizer_config(settings),
         **settings.transport,
         "secagg": settings.secagg,
         **({"num_shares": settings.num_shares,
@@ -237,6 +256,13 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
     else:
         records, done = [], 0
         arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
+    server_optimizer = server_optimizers.ServerOptimizer(server_optimizer_config(settings),
+                                                         arrays, names)
+    if settings.resume and server_optimizer.state is not None:
+        try:
+            server_optimizer.load_state(results.load_server_state(done))
+        except ValueError as e:
+            raise SetupError(f"cannot resume {settings.results_dir}: {e}") from e
     log_rule(settings)
     return CheckedFedAvg(
         initial_arrays=arrays, array_names=names,
@@ -246,11 +272,13 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         total_rounds=settings.rounds, min_clients=settings.min_clients,
         fraction_fit=settings.fraction_fit, records=records,
         fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
-                    "learning_rate": settings.learning_rate},
+                    "learning_rate": settings.learning_rate,
+                    "proximal_mu": settings.proximal_mu},
         run_config=config, round_timeout=settings.round_timeout, seed=settings.seed,
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
         krum_malicious=settings.krum_malicious, dp=settings.dp,
         secagg_clipping_range=settings.clipping_range if settings.secagg else None,
+        server_optimizer=server_optimizer,
     ), settings.rounds - done
 
 

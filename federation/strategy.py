@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.common import (
@@ -68,6 +69,9 @@ from federation.validation import (MAX_UPDATE_RATIO, validate_arrays, validate_e
 # 0 picks the clients that train, 1 those that evaluate (client_manager.py), 2 draws
 # DP-FedAvg's noise. One stream per purpose: no draw ever reuses another's numbers.
 DP_NOISE_STREAM = 2
+
+if TYPE_CHECKING:  # server_optimizers.py needs JAX; this file does not
+    from federation.server_optimizers import ServerOptimizer
 
 
 def print_progress(line: str) -> None:
@@ -130,7 +134,8 @@ class CheckedFedAvg(FedAvg):
                  round_timeout: float | None = None, seed: int = 0,
                  aggregation: str = "fedavg", trim_fraction: float = 0.0,
                  krum_malicious: int = 0, dp: privacy.DPConfig | None = None,
-                 secagg_clipping_range: float | None = None) -> None:
+                 secagg_clipping_range: float | None = None,
+                 server_optimizer: "ServerOptimizer | None" = None) -> None:
         """Args:
           initial_arrays: the global model to start from (round 0, or the resumed round).
           array_names: one name per array, for checkpoints and messages.
@@ -151,6 +156,8 @@ class CheckedFedAvg(FedAvg):
           dp: DP-FedAvg's settings, or None for no differential privacy.
           secagg_clipping_range: not None: the rounds run under SecAgg+, whose clients clip
             every weight to +-this before masking (see _aggregate_secure).
+          server_optimizer: takes the step from the aggregate to the new global model and
+            keeps its state (server_optimizers.py); None: the aggregate itself (FedAvg).
         """
         super().__init__(
             # Wait for min_clients, train on fraction_fit of those connected (at least one),
@@ -174,6 +181,7 @@ class CheckedFedAvg(FedAvg):
         self.run_config = run_config
         self.round_timeout = round_timeout
         self.secagg_clipping_range = secagg_clipping_range
+        self.server_optimizer = server_optimizer
         self._global: Arrays = list(initial_arrays)
         self._round: dict = {}
         self._sampled: list[ClientProxy] = []
@@ -263,7 +271,8 @@ class CheckedFedAvg(FedAvg):
             log(WARNING, "round %d: no valid update; the global model stays as it was", true_round)
             return None, {}
         aggregated = self._aggregate([(arrays, n) for arrays, n, _ in ordered], true_round)
-        return ndarrays_to_parameters(aggregated), {
+        new_global = self._server_step(aggregated)
+        return ndarrays_to_parameters(new_global), {
             "train_loss": self._round["train_loss"],
             "train_accuracy": self._round["train_accuracy"]}
 
@@ -284,6 +293,12 @@ class CheckedFedAvg(FedAvg):
                 self.krum_malicious, krum_minimum_clients(self.krum_malicious))
         return aggregate(self.aggregation, updates, trim_fraction=self.trim_fraction,
                          num_malicious=self.krum_malicious)
+
+    def _server_step(self, aggregated: Arrays) -> Arrays:
+        """The server optimizer's step from this round's global model (FedAvg: the aggregate)."""
+        if self.server_optimizer is None:
+            return aggregated
+        return self.server_optimizer.step(self._global, aggregated)
 
     def _check_fit_result(self, res: FitRes, accepted: dict) -> str | None:
         """Add a valid result to `accepted` (keyed by partition); else return why not."""
@@ -350,7 +365,7 @@ class CheckedFedAvg(FedAvg):
             log(WARNING, "round %d: the largest weight, %.3g, is over half of SecAgg+'s "
                 "clipping range %g; raise clipping-range", true_round, largest,
                 self.secagg_clipping_range)
-        return ndarrays_to_parameters(average), {
+        return ndarrays_to_parameters(self._server_step(average)), {
             "train_loss": self._round["train_loss"],
             "train_accuracy": self._round["train_accuracy"]}
 
@@ -450,7 +465,9 @@ class CheckedFedAvg(FedAvg):
             record["epsilon"] = privacy.epsilon(self.dp.noise_multiplier, self.fraction_fit,
                                                 record["round"], self.dp.delta)
         self.records.append(record)
-        self.results.save_round(self.records, self._global)
+        server_state = None if self.server_optimizer is None else (
+            self.server_optimizer.state_arrays())
+        self.results.save_round(self.records, self._global, server_state)
         self.progress(progress_line(record, self.total_rounds))
 
 

@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_pyproject_defaults_equal_server_py_defaults():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(config) == set(server_app.RUN_CONFIG_KEYS)
+    assert set(config) == set(server_app.RUN_CONFIG_KEYS) - set(server_app.DEFAULT_FROM_OPTIMIZER)
     from_app = server_app.settings_from_run_config(config)
     from_cli = server.settings_from_args(server.parse_args([]))
     for field in dataclasses.fields(ServerSettings):

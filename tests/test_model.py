@@ -63,7 +63,7 @@ def test_loss_falls_on_a_fixed_tiny_batch():
     losses = []
     for _ in range(10):
         params, opt_state, loss, _ = model.train_step(
-            params, opt_state, np.float32(1e-3), images, labels, mask)
+            params, opt_state, np.float32(1e-3), images, labels, mask, params, np.float32(0.0))
         losses.append(float(loss))
     assert losses[-1] < 0.25 * losses[0], losses
 
@@ -138,17 +138,22 @@ def test_train_is_deterministic_and_uses_every_example():
     assert not np.array_equal(model.params_to_ndarrays(a)[0], model.params_to_ndarrays(c)[0])
 
 
-def _train_by_hand(params, images, labels, orders, batch_size, learning_rate):
+def _plain_step(params, opt_state, lr, images, labels, mask):
+    """model.train_step without the proximal term (mu = 0)."""
+    return model.train_step(params, opt_state, lr, images, labels, mask, params, np.float32(0))
+
+
+def _train_by_hand(params, images, labels, orders, batch_size, learning_rate,
+                   step=_plain_step):
     """model.train written out, with the example order of each epoch given explicitly."""
     opt_state = model.init_opt_state(params)
     total = len(orders) * -(-len(images) // batch_size)
-    step = 0
+    done = 0
     for order in orders:
         for idx, mask in model.padded_batches(order, batch_size):
-            lr = model.local_learning_rate(learning_rate, step, total)
-            params, opt_state, _, _ = model.train_step(params, opt_state, lr, images[idx],
-                                                       labels[idx], mask)
-            step += 1
+            lr = model.local_learning_rate(learning_rate, done, total)
+            params, opt_state, _, _ = step(params, opt_state, lr, images[idx], labels[idx], mask)
+            done += 1
     return model.params_to_ndarrays(params)
 
 
@@ -178,9 +183,10 @@ def test_the_loss_of_a_padded_batch_is_the_loss_of_its_real_examples():
     assert mask.sum() == 6 and (idx[6:] == 0).all()
     opt_state = model.init_opt_state(params)
     lr = np.float32(1e-3)
-    padded = model.train_step(params, opt_state, lr, images[idx], labels[idx], mask)
+    no_prox = (params, np.float32(0.0))
+    padded = model.train_step(params, opt_state, lr, images[idx], labels[idx], mask, *no_prox)
     alone = model.train_step(params, opt_state, lr, images[32:38], labels[32:38],
-                             np.ones(6, np.float32))
+                             np.ones(6, np.float32), *no_prox)
     assert float(padded[2]) == pytest.approx(float(alone[2]), rel=1e-6)  # mean loss
     assert float(padded[3]) == float(alone[3])                           # number correct
     for x, y in zip(model.params_to_ndarrays(padded[0]), model.params_to_ndarrays(alone[0])):
@@ -198,6 +204,83 @@ def test_train_reports_the_mean_loss_of_the_real_examples():
     assert metrics["num_examples"] == 38
     assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ FedProx
+
+@jax.jit
+def _step_before_fedprox(params, opt_state, learning_rate, images, labels, mask):
+    """model.train_step as it was before FedProx (issue 12), verbatim: the reference."""
+    (loss, correct), grads = jax.value_and_grad(model._masked_loss, has_aux=True)(
+        params, images, labels, mask)
+    updates, opt_state = model._ADAM.update(grads, opt_state)
+    params = jax.tree_util.tree_map(lambda p, u: p - learning_rate * u, params, updates)
+    return params, opt_state, loss, correct
+
+
+def test_fedprox_with_mu_0_is_the_training_before_fedprox_bit_for_bit():
+    """mu = 0 (and no mu at all, as a client that is sent none) trains exactly as before.
+    Adding mu (w - w_global) = 0 inside the same kernels would not: XLA fuses it into the
+    gradient's computation and its rounding changes (model.train_step says how it's kept)."""
+    params = model.init_params(jax.random.key(0))
+    images, labels = _toy_data(200)  # 7 steps per epoch, the last one padded
+    key = jax.random.key(4)
+    orders = [model.epoch_order(key, e, 200) for e in (0, 1)]
+    before = _train_by_hand(params, images, labels, orders, 32, 4e-3, _step_before_fedprox)
+    for kwargs in ({}, {"proximal_mu": 0.0}):
+        trained, _ = model.train(params, images, labels, epochs=2, batch_size=32,
+                                 learning_rate=4e-3, key=key, **kwargs)
+        for x, y in zip(model.params_to_ndarrays(trained), before):
+            np.testing.assert_array_equal(x, y)
+
+
+def _distance(a: model.Params, b: model.Params) -> float:
+    """||a - b|| over every weight, in float64."""
+    return float(np.sqrt(sum(np.sum((x.astype(np.float64) - y) ** 2) for x, y in zip(
+        model.params_to_ndarrays(a), model.params_to_ndarrays(b)))))
+
+
+def test_fedprox_keeps_the_local_model_closer_to_the_global_model():
+    """The larger mu, the nearer the client's model ends to the round's global model."""
+    start = _busy_params()
+    images, labels = _toy_data(200)
+    distances = []
+    for mu in (0.0, 0.1, 1.0):
+        trained, _ = model.train(start, images, labels, epochs=3, batch_size=32,
+                                       learning_rate=4e-3, key=jax.random.key(1),
+                                       proximal_mu=mu)
+        distances.append(_distance(trained, start))
+    assert distances[0] > distances[1] > distances[2] > 0, distances
+    assert distances[2] < 0.7 * distances[0], distances  # not a rounding-sized effect
+
+
+def test_fedprox_gradient_is_that_of_mu_over_2_times_the_squared_distance():
+    """The gradient a step with mu feeds to Adam is the gradient of
+    cross-entropy + mu/2 ||w - w_global||^2, taken by autodiff of the whole objective.
+    Compared through Adam's first moment (0.1 g after one step from a fresh state): the
+    step itself, ~sign(g) at Adam's first step, would hide a wrong factor."""
+    global_params, params = model.init_params(jax.random.key(0)), _busy_params(3)
+    images, labels = _toy_data(32)
+    mask, mu = np.ones(32, np.float32), np.float32(0.5)
+    opt_state = model.init_opt_state(params)
+
+    def objective(p):
+        loss, _ = model._masked_loss(p, images, labels, mask)
+        squared = sum(jnp.sum((w - w0) ** 2) for w, w0 in zip(
+            jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(global_params)))
+        return loss + mu / 2 * squared
+
+    _, expected = model._ADAM.update(jax.grad(objective)(params), opt_state)
+    _, stepped, _, _ = model.train_step(params, opt_state, np.float32(1e-3), images, labels,
+                                        mask, global_params, mu)
+    cross_entropy = lambda p: model._masked_loss(p, images, labels, mask)[0]
+    _, without_mu = model._ADAM.update(jax.grad(cross_entropy)(params), opt_state)
+    for x, y in zip(jax.tree_util.tree_leaves(stepped.mu), jax.tree_util.tree_leaves(expected.mu)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    # The case can go wrong: the proximal part of that gradient is not small.
+    prox = [x - y for x, y in zip(jax.tree_util.tree_leaves(expected.mu),
+                                  jax.tree_util.tree_leaves(without_mu.mu))]
+    assert max(float(jnp.max(jnp.abs(d))) for d in prox) > 1e-3
 
 
 def test_each_epoch_has_its_own_shuffle():
@@ -241,7 +324,8 @@ def test_a_round_after_the_warm_up_compiles_nothing():
     """A client's first round (training + evaluation) compiles what it needs; the next
     round compiles nothing at all, though everything that may change between rounds
     changes: new params arriving as NumPy arrays (as from Flower), another learning rate,
-    more epochs, another key, and evaluation of a set of another size."""
+    more epochs, another key, FedProx's mu switched on and changed, and evaluation of a set
+    of another size."""
     images, labels = _toy_data(70)  # 3 steps per epoch, the last one padded
     with _CompileCounter():  # the warm-up (other tests may have compiled it already)
         params, _ = model.train(model.init_params(jax.random.key(0)), images, labels,
@@ -253,7 +337,9 @@ def test_a_round_after_the_warm_up_compiles_nothing():
     other_images, other_labels = _toy_data(45, seed=1)
     with _CompileCounter() as next_round:
         new_params, _ = model.train(new_params, images, labels, epochs=2, batch_size=32,
-                                    learning_rate=3e-4, key=jax.random.key(2))
+                                    learning_rate=3e-4, key=jax.random.key(2), proximal_mu=0.01)
+        new_params, _ = model.train(new_params, images, labels, epochs=1, batch_size=32,
+                                    learning_rate=3e-4, key=jax.random.key(3), proximal_mu=1)
         model.evaluate(new_params, other_images, other_labels)
     assert next_round.count == 0, f"{next_round.count} programs compiled after the warm-up"
     # The counter sees compilations: a shape not seen before compiles the step again.

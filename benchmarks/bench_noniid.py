@@ -1,0 +1,275 @@
+"""Non-IID data: FedAvg, FedProx, FedAvgM and FedAdam compared on Fashion-MNIST (issue 12).
+
+The federated run equals a single-process loop bit for bit (tests/test_federation.py and,
+with FedProx and FedAdam, tests/test_noniid.py), so this benchmark runs that loop in one
+process with the project's own code, like sweep_recipe.py: model.train for every client
+with the key client.round_key(seed, round, partition) and the round's proximal_mu,
+federation.aggregation.fedavg over the partitions in order, the server optimizer's step
+(federation/server_optimizers.py), and model.evaluate of the new global model on the
+10,000 test images after every round. What it measures is what server.py + client.py
+would produce with the same flags, minus the processes and gRPC.
+
+The data: Debian's Fashion-MNIST IDX files, split for 10 clients by partition_data.py in
+four ways (IID, Dirichlet alpha 0.5, Dirichlet alpha 0.1, exactly 2 labels per client),
+10% of each client's images held out for validation as the federation does (54,000 train).
+The methods: METHODS below, a small grid for each; --method picks others, e.g.
+"fedprox:mu=0.05", "fedavgm:lr=1,m=0.9", "fedadam:lr=0.003,m=0.9", "fedyogi:lr=0.01".
+
+It prints one line per run (accuracy after rounds 10, 25 and 50 as far as the run goes,
+after its last round, the best, and the first round at --target),
+appends every run's history to --json, and draws the best setting of every method per
+split into --plot. --from-json redraws the table and plot without training.
+
+    python benchmarks/bench_noniid.py                      # full scale: 50 rounds x 3 epochs
+    nice -n 19 python benchmarks/bench_noniid.py --rounds 20 --local-epochs 1 \\
+        --train-fraction 0.2 --target 0.8 --method fedavg fedprox:mu=0.01 \\
+        fedprox:mu=0.1 fedavgm:lr=1,m=0.5 fedadam:lr=0.003 fedadam:lr=0.01 \\
+        --json /tmp/noniid.jsonl                            # the README's reduced scale
+    python benchmarks/bench_noniid.py --from-json docs/noniid_comparison.jsonl --target 0.8 \\
+        --plot /tmp/noniid.png                              # its table and plot again
+
+Full scale is 4 splits x 9 settings x 50 rounds of 10 clients x 3 epochs: ~16 s a round
+on 2 quiet CPU cores, i.e. ~8 hours. The reduced scale above took ~37 minutes of CPU.
+Timings are wall clock on a shared machine.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import client  # noqa: E402  (the repo root is on sys.path only after the line above)
+import model  # noqa: E402
+from federation import aggregation, server_optimizers, shards  # noqa: E402
+
+# Split name -> partition_data.py flags (10 clients, the federation's 10% validation).
+SPLITS = {
+    "iid": ["--scheme", "iid"],
+    "dir0.5": ["--scheme", "dirichlet", "--alpha", "0.5"],
+    "dir0.1": ["--scheme", "dirichlet", "--alpha", "0.1"],
+    "2labels": ["--scheme", "pathological", "--classes-per-client", "2"],
+}
+TITLES = {"iid": "IID", "dir0.5": "Dirichlet α = 0.5", "dir0.1": "Dirichlet α = 0.1",
+          "2labels": "2 labels per client"}
+# The default grid: FedAvg, and 2-4 settings of each remedy.
+METHODS = ["fedavg",
+           "fedprox:mu=0.001", "fedprox:mu=0.01", "fedprox:mu=0.1",
+           "fedavgm:lr=1,m=0.5", "fedavgm:lr=0.5,m=0.9",
+           "fedadam:lr=0.001", "fedadam:lr=0.003", "fedadam:lr=0.01"]
+REPORT_ROUNDS = (10, 25, 50)
+
+
+def parse_method(spec: str) -> tuple[str, float, dict]:
+    """"fedprox:mu=0.01" -> (family, proximal_mu, server-optimizer settings)."""
+    family, _, rest = spec.partition(":")
+    values = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+    mu = values.pop("mu", 0.0)
+    optimizer = "fedavg" if family == "fedprox" else family
+    if family not in ("fedprox", *server_optimizers.NAMES) or set(values) - {"lr", "m"}:
+        raise ValueError(f"method {spec!r}: not FAMILY[:mu=|lr=|m=...]")
+    problem = server_optimizers.problem(optimizer, values.get("lr"), values.get("m"))
+    if problem or mu < 0 or (mu and family != "fedprox"):
+        raise ValueError(f"method {spec!r}: {problem or 'mu is for fedprox, >= 0'}")
+    return family, mu, server_optimizers.settings(optimizer, values.get("lr"), values.get("m"))
+
+
+def make_split(name: str, idx_dir: pathlib.Path, out: pathlib.Path, seed: int) -> pathlib.Path:
+    """partition_data.py's files for one split (made once, reused while they exist)."""
+    if not shards.manifest_path(out).exists():
+        subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "idx",
+                        "--dataset", "fashion_mnist", "--idx-dir", str(idx_dir),
+                        "--num-partitions", "10", "--seed", str(seed), "--out-dir", str(out),
+                        *SPLITS[name]], check=True, capture_output=True)
+    return out
+
+
+def load(data_dir: pathlib.Path, fraction: float, seed: int):
+    """Every client's (images, labels), a seeded `fraction` of each, and the test set."""
+    manifest = shards.load_manifest(data_dir)
+    clients = []
+    for p in sorted(manifest["partitions"], key=lambda p: p["index"]):
+        part = shards.load_partition(shards.partition_path(data_dir, p["index"]))
+        n = len(part.x_train)
+        keep = np.sort(np.random.default_rng([seed, p["index"]]).choice(
+            n, max(1, round(fraction * n)), replace=False))
+        clients.append((part.x_train[keep], part.y_train[keep]))
+    return clients, *shards.load_test_set(shards.test_set_path(data_dir))
+
+
+def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epochs: int,
+        seed: int) -> list[float]:
+    """Test accuracy after each round of the federation's computation, in one process."""
+    names = [name for name, _ in model.param_spec()]
+    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(seed)))
+    server = server_optimizers.ServerOptimizer(optimizer, arrays, names)
+    history = []
+    for server_round in range(1, rounds + 1):
+        updates = []
+        for k, (x, y) in enumerate(clients):
+            params, _ = model.train(model.ndarrays_to_params(arrays), x, y, epochs=epochs,
+                                    batch_size=model.BATCH_SIZE,
+                                    learning_rate=model.LEARNING_RATE,
+                                    key=client.round_key(seed, server_round, k),
+                                    proximal_mu=mu)
+            updates.append((model.params_to_ndarrays(params), len(x)))
+        arrays = server.step(arrays, aggregation.fedavg(updates))
+        history.append(model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1])
+    return history
+
+
+def rounds_to(history: list[float], target: float) -> int | None:
+    """The first round whose accuracy is >= target (None: never)."""
+    return next((r for r, a in enumerate(history, 1) if a >= target), None)
+
+
+def report_rounds(rounds: int) -> list[int]:
+    """The rounds of the table: 10, 25 and 50 as far as the run went, and its last."""
+    return [r for r in REPORT_ROUNDS if r < rounds] + [rounds]
+
+
+def header(rounds: int, target: float) -> str:
+    """The table's head line."""
+    return (f"{'split':8s} {'method':22s} "
+            + " ".join(f"{'r' + str(r):>6s}" for r in report_rounds(rounds))
+            + f"  {'best':>6s}  {'to ' + str(round(100 * target)) + '%':>6s}  {'s/rnd':>6s}")
+
+
+def row(result: dict, target: float) -> str:
+    """One table line: split, method, accuracy at report_rounds, best, rounds to target."""
+    h = result["history"]
+    at = [f"{100 * h[r - 1]:6.2f}" for r in report_rounds(len(h))]
+    reached = rounds_to(h, target)
+    return (f"{result['split']:8s} {result['method']:22s} " + " ".join(at)
+            + f"  {100 * max(h):6.2f}  {reached if reached else 'never':>6}"
+            + f"  {result['seconds'] / len(h):6.1f}")
+
+
+def best_per_method(results: list[dict]) -> dict[tuple[str, str], dict]:
+    """(split, family) -> the run of that family with the best final accuracy."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in results:
+        key = (r["split"], r["method"].split(":")[0])
+        if key not in best or r["history"][-1] > best[key]["history"][-1]:
+            best[key] = r
+    return best
+
+
+def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
+    """One panel per split: test accuracy per round of each method's best setting."""
+    import matplotlib  # noqa: PLC0415  (only when plotting)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    splits = [s for s in SPLITS if any(r["split"] == s for r in results)]
+    columns = 2 if len(splits) > 2 else len(splits)
+    rows = -(-len(splits) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), sharey=True,
+                             squeeze=False)
+    families = sorted({r["method"].split(":")[0] for r in results})
+    colour = {f: f"C{i}" for i, f in enumerate(families)}  # one colour per method everywhere
+    best = best_per_method(results)
+    for ax, split in zip(axes.flat, splits):
+        for (s, family), r in sorted(best.items()):
+            if s == split:
+                ax.plot(range(1, len(r["history"]) + 1), [100 * a for a in r["history"]],
+                        label=r["method"], color=colour[family])
+        ax.set_title(TITLES[split], fontsize=10), ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # rounds: no 2.5
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel("round")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    for ax in list(axes.flat)[len(splits):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(results: list[dict], target: float, plot_path: pathlib.Path | None,
+           title: str) -> None:
+    """The table of every run, then each method's best per split; the plot."""
+    print(f"\nbest setting of each method (by final accuracy), target {100 * target:.0f}%")
+    print(header(len(results[0]["history"]), target))
+    for _, r in sorted(best_per_method(results).items(),
+                       key=lambda kv: (list(SPLITS).index(kv[0][0]), kv[0][1])):
+        print(row(r, target))
+    if plot_path:
+        plot(results, plot_path, title)
+        print(f"plot: {plot_path}")
+
+
+def main() -> None:
+    """Run every (split, method) pair; print the table; write the JSON lines and the plot."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--idx-dir", type=pathlib.Path,
+                   default=pathlib.Path("/usr/share/datasets/fashion-mnist"),
+                   help="Fashion-MNIST's IDX files (default: %(default)s, Debian's "
+                        "dataset-fashion-mnist)")
+    p.add_argument("--data-root", type=pathlib.Path,
+                   default=pathlib.Path(tempfile.gettempdir()) / "bench_noniid",
+                   help="where the splits are written, one directory each "
+                        "(default: %(default)s)")
+    p.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
+                   help="data splits (default: all)")
+    p.add_argument("--method", nargs="+", default=METHODS,
+                   help="methods and settings, FAMILY[:mu=|lr=|m=...] (default: the grid "
+                        "in METHODS)")
+    p.add_argument("--rounds", type=int, default=50, help="rounds (default: %(default)s)")
+    p.add_argument("--local-epochs", type=int, default=model.LOCAL_EPOCHS,
+                   help="local epochs per round (default: %(default)s, the federation's)")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="fraction of each client's training images used, a seeded sample "
+                        "(default: %(default)s: all 54,000)")
+    p.add_argument("--target", type=float, default=0.85,
+                   help="accuracy whose first round is reported (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p.add_argument("--json", type=pathlib.Path, help="append one JSON line per run here")
+    p.add_argument("--from-json", type=pathlib.Path,
+                   help="do not train: report the runs in this file")
+    p.add_argument("--plot", type=pathlib.Path, help="write the comparison plot here (PNG)")
+    args = p.parse_args()
+    try:
+        methods = {spec: parse_method(spec) for spec in args.method}
+    except ValueError as e:
+        p.error(str(e))
+
+    if args.from_json:
+        results = [json.loads(line) for line in args.from_json.read_text().splitlines()]
+        scale = results[0]["scale"]
+        report(results, args.target, args.plot, scale)
+        return
+    scale = (f"Fashion-MNIST, 10 clients, {args.rounds} rounds x {args.local_epochs} local "
+             f"epoch(s), {100 * args.train_fraction:g}% of the 54,000 training images")
+    print(f"{os.cpu_count()} CPUs, jax {jax.__version__}; {scale}", flush=True)
+    print(header(args.rounds, args.target), flush=True)
+    results = []
+    for split in args.splits:
+        data_dir = make_split(split, args.idx_dir, args.data_root / split, args.seed)
+        clients, x_test, y_test = load(data_dir, args.train_fraction, args.seed)
+        for spec, (_, mu, optimizer) in methods.items():
+            start = time.perf_counter()
+            history = run(clients, x_test, y_test, mu=mu, optimizer=optimizer,
+                          rounds=args.rounds, epochs=args.local_epochs, seed=args.seed)
+            result = {"split": split, "method": spec, "history": history,
+                      "seconds": time.perf_counter() - start, "scale": scale,
+                      "train_images": sum(len(x) for x, _ in clients)}
+            results.append(result)
+            print(row(result, args.target), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+    report(results, args.target, args.plot, scale)
+
+
+if __name__ == "__main__":
+    main()
