@@ -177,9 +177,10 @@ def plot_attacks(args: argparse.Namespace) -> None:
     ax.set_xticks(range(len(cases)),
                   ["no attacker" if not k else f"{k} x {a}" for a, k in cases])
     rounds = len(runs[0]["rounds"])
-    ax.set(ylabel=f"test accuracy after {rounds} rounds (%)", ylim=(0, 100),
+    ax.set(ylabel=f"test accuracy after {rounds} rounds (%)", ylim=(0, 112),
+           yticks=range(0, 101, 20),
            title=f"Poisoning clients out of {runs[0]['clients']} vs. the aggregation rule")
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper center", ncols=len(rules), fontsize="small")  # above the bars
     ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}\n")
