@@ -41,16 +41,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_engines import free_port  # noqa: E402  (a sibling script, not a package)
 
 
-def app_copy(dest: pathlib.Path) -> pathlib.Path:
-    """The Flower App with benchmarks/message_sizes_app.py as its ClientApp."""
+def app_copy(dest: pathlib.Path, client_app: pathlib.Path) -> pathlib.Path:
+    """A copy of the Flower App in dest whose ClientApp is `client_app:app` (a module file
+    that wraps client_app.py), e.g. message_sizes_app.py here, or a test's."""
     dest.mkdir()
     for name in ("model.py", "client.py", "client_app.py", "server_app.py", "federation"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, dest / name)
-    shutil.copy(REPO / "benchmarks" / "message_sizes_app.py", dest)
+    shutil.copy(client_app, dest)
     (dest / "pyproject.toml").write_text(
         (REPO / "pyproject.toml").read_text()
-        .replace('clientapp = "client_app:app"', 'clientapp = "message_sizes_app:app"')
-        .replace('"server_app.py",', '"server_app.py", "message_sizes_app.py",'))
+        .replace('clientapp = "client_app:app"', f'clientapp = "{client_app.stem}:app"')
+        .replace('"server_app.py",', f'"server_app.py", "{client_app.name}",'))
     return dest
 
 
@@ -122,7 +123,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / "partition_data.py"), *source,
                             "--num-partitions", str(args.clients), "--out-dir", str(data)],
                            check=True, capture_output=True, cwd=REPO)
-        app = app_copy(tmp / "app")
+        app = app_copy(tmp / "app", REPO / "benchmarks" / "message_sizes_app.py")
         base = (f"num-server-rounds={args.rounds} min-clients={args.clients} "
                 f"data-dir=\"{data}\"")
         secagg = (f"secagg=true num-shares={args.num_shares} "

@@ -9,13 +9,16 @@ exact; from round 2 on the runs train from slightly different models and only st
 
 import math
 import pathlib
-import shutil
+import sys
 
 import numpy as np
 import pytest
 
-from test_federation import load_model, records
-from test_flower_app import CLIENTS, REPO, app_config, app_data, flwr_env, flwr_run  # noqa: F401
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_secagg import app_copy  # noqa: E402  (a script beside the tests, not a package)
+from test_federation import load_model, records  # noqa: E402
+from test_flower_app import (CLIENTS, REPO, app_config, app_data,  # noqa: E402,F401
+                             flwr_env, flwr_run)
 
 pytestmark = pytest.mark.slow
 
@@ -94,15 +97,8 @@ def fedavg_of(data: pathlib.Path, partitions: list[int]) -> dict[str, np.ndarray
 def test_a_client_dropping_out_mid_round_does_not_stop_secagg(flwr_env, app_data, tmp_path):
     """Partition 2 fails after the key exchange (tests/secagg_dropout_app.py); the server
     recovers its masks from the other two and averages their models."""
-    app = tmp_path / "app"  # the Flower App, with the test's ClientApp
-    app.mkdir()
-    for name in ("model.py", "client.py", "client_app.py", "server_app.py", "federation"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, app / name)
-    shutil.copy(REPO / "tests" / "secagg_dropout_app.py", app)
-    (app / "pyproject.toml").write_text(
-        (REPO / "pyproject.toml").read_text()
-        .replace('clientapp = "client_app:app"', 'clientapp = "secagg_dropout_app:app"')
-        .replace('"server_app.py",', '"server_app.py", "secagg_dropout_app.py",'))
+    # The Flower App, with the test's ClientApp (bench_secagg.py copies it the same way).
+    app = app_copy(tmp_path / "app", REPO / "tests" / "secagg_dropout_app.py")
     output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
                                                 **{"num-server-rounds": 2}, **SECAGG), app=app)
     assert run["status"] == "finished:completed", output
