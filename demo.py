@@ -527,8 +527,11 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
           f"{plural(args.rounds, 'round')} of {plural(args.local_epochs, 'local epoch')}; "
           f"logs in {log_dir}/")
     if args.attackers:
+        first = args.clients - args.attackers
+        which = (f"partition {first}" if args.attackers == 1
+                 else f"partitions {first}..{args.clients - 1}")
         print(f"         {plural(args.attackers, 'client')} attacking with {args.attack} "
-              f"(partitions {args.clients - args.attackers}..{args.clients - 1})")
+              f"({which})")
     print(f"         a new run: replaces any earlier run in {args.results_dir}/ "
           f"({'server.py --overwrite' if args.engine == 'grpc' else 'run config overwrite=true'}; "
           "another --results-dir keeps it)")
