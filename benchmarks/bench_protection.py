@@ -236,7 +236,10 @@ def main() -> None:
     """Run the chosen table."""
     args = parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the clients' per-round lines
-    {"attacks": run_attacks, "dp": run_dp, "plot": plot_attacks}[args.bench](args)
+    try:
+        {"attacks": run_attacks, "dp": run_dp, "plot": plot_attacks}[args.bench](args)
+    except (shards.DataError, OSError) as e:  # a wrong --data-dir or --json: one line
+        sys.exit(f"bench_protection.py: error: {e}")
 
 
 if __name__ == "__main__":
