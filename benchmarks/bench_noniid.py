@@ -106,8 +106,11 @@ def load(data_dir: pathlib.Path, fraction: float, seed: int):
 
 
 def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epochs: int,
-        seed: int) -> list[float]:
-    """Test accuracy after each round of the federation's computation, in one process."""
+        seed: int, label: str = "") -> list[float]:
+    """Test accuracy after each round of the federation's computation, in one process.
+
+    A progress line per round goes to stderr (a full-scale run is ~20 minutes).
+    """
     names = [name for name, _ in model.param_spec()]
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(seed)))
     server = server_optimizers.ServerOptimizer(optimizer, arrays, names)
@@ -123,6 +126,8 @@ def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epo
             updates.append((model.params_to_ndarrays(params), len(x)))
         arrays = server.step(arrays, aggregation.fedavg(updates))
         history.append(model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1])
+        print(f"  {label} round {server_round}/{rounds}: {100 * history[-1]:.2f}%",
+              file=sys.stderr, flush=True)
     return history
 
 
@@ -259,7 +264,8 @@ def main() -> None:
         for spec, (_, mu, optimizer) in methods.items():
             start = time.perf_counter()
             history = run(clients, x_test, y_test, mu=mu, optimizer=optimizer,
-                          rounds=args.rounds, epochs=args.local_epochs, seed=args.seed)
+                          rounds=args.rounds, epochs=args.local_epochs, seed=args.seed,
+                          label=f"{split} {spec}")
             result = {"split": split, "method": spec, "history": history,
                       "seconds": time.perf_counter() - start, "scale": scale,
                       "train_images": sum(len(x) for x, _ in clients)}
