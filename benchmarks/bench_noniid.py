@@ -13,7 +13,8 @@ The data: Debian's Fashion-MNIST IDX files, split for 10 clients by partition_da
 four ways (IID, Dirichlet alpha 0.5, Dirichlet alpha 0.1, exactly 2 labels per client),
 10% of each client's images held out for validation as the federation does (54,000 train).
 The methods: METHODS below, a small grid for each; --method picks others, e.g.
-"fedprox:mu=0.05", "fedavgm:lr=1,m=0.9", "fedadam:lr=0.003,m=0.9", "fedyogi:lr=0.01".
+"fedprox:mu=0.05", "fedavgm:lr=1,m=0.9", "fedadam:lr=0.003,m=0.9", "fedyogi:lr=0.01",
+and both families at once, "fedavgm:lr=1,m=0.9,mu=0.1" (FedProx's clients, FedAvgM's server).
 
 It prints one line per run (accuracy after rounds 10, 25 and 50 as far as the run goes,
 after its last round, the best, and the first round at --target),
@@ -69,16 +70,27 @@ REPORT_ROUNDS = (10, 25, 50)
 
 
 def parse_method(spec: str) -> tuple[str, float, dict]:
-    """"fedprox:mu=0.01" -> (family, proximal_mu, server-optimizer settings)."""
+    """"fedprox:mu=0.01" -> (family, proximal_mu, server-optimizer settings).
+
+    A server optimizer with a mu is both methods at once ("fedavgm:m=0.9,mu=0.1", the
+    flags --server-optimizer fedavgm --server-momentum 0.9 --proximal-mu 0.1): its family
+    is "fedprox+fedavgm".
+    """
     family, _, rest = spec.partition(":")
-    values = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+    try:
+        values = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+    except ValueError:
+        raise ValueError(f"method {spec!r}: not FAMILY[:mu=|lr=|m=...]") from None
     mu = values.pop("mu", 0.0)
     optimizer = "fedavg" if family == "fedprox" else family
     if family not in ("fedprox", *server_optimizers.NAMES) or set(values) - {"lr", "m"}:
         raise ValueError(f"method {spec!r}: not FAMILY[:mu=|lr=|m=...]")
     problem = server_optimizers.problem(optimizer, values.get("lr"), values.get("m"))
-    if problem or mu < 0 or (mu and family != "fedprox"):
-        raise ValueError(f"method {spec!r}: {problem or 'mu is for fedprox, >= 0'}")
+    if problem or mu < 0 or (family == "fedavg" and mu):
+        problem = problem or ("mu must be >= 0" if mu < 0 else "fedavg with a mu is fedprox")
+        raise ValueError(f"method {spec!r}: {problem}")
+    if mu and family != "fedprox":
+        family = f"fedprox+{family}"
     return family, mu, server_optimizers.settings(optimizer, values.get("lr"), values.get("m"))
 
 
@@ -162,7 +174,7 @@ def best_per_method(results: list[dict]) -> dict[tuple[str, str], dict]:
     """(split, family) -> the run of that family with the best final accuracy."""
     best: dict[tuple[str, str], dict] = {}
     for r in results:
-        key = (r["split"], r["method"].split(":")[0])
+        key = (r["split"], parse_method(r["method"])[0])
         if key not in best or r["history"][-1] > best[key]["history"][-1]:
             best[key] = r
     return best
@@ -178,7 +190,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
     rows = -(-len(splits) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), sharey=True,
                              squeeze=False)
-    families = sorted({r["method"].split(":")[0] for r in results})
+    families = sorted({parse_method(r["method"])[0] for r in results})
     colour = {f: f"C{i}" for i, f in enumerate(families)}  # one colour per method everywhere
     best = best_per_method(results)
     for ax, split in zip(axes.flat, splits):
