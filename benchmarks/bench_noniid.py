@@ -29,9 +29,10 @@ split into --plot. --from-json redraws the table and plot without training.
     python benchmarks/bench_noniid.py --from-json docs/noniid_comparison.jsonl --target 0.8 \\
         --plot /tmp/noniid.png                              # its table and plot again
 
-Full scale is 4 splits x 9 settings x 50 rounds of 10 clients x 3 epochs: ~16 s a round
-on 2 quiet CPU cores, i.e. ~8 hours. The reduced scale above took ~37 minutes of CPU.
-Timings are wall clock on a shared machine.
+Full scale is 4 splits x 9 settings x 50 rounds of 10 clients x 3 epochs: one run took
+~32 minutes (~38 s a round) with two runs side by side on 2 CPU cores, so the default grid
+is ~19 hours; the README's full-scale table ran 7 chosen runs with --splits and --method.
+The reduced scale above took ~37 minutes of CPU. Timings are wall clock on a shared machine.
 """
 
 import argparse
@@ -155,7 +156,7 @@ def report_rounds(rounds: int) -> list[int]:
 
 def header(rounds: int, target: float) -> str:
     """The table's head line."""
-    return (f"{'split':8s} {'method':22s} "
+    return (f"{'split':8s} {'method':26s} "
             + " ".join(f"{'r' + str(r):>6s}" for r in report_rounds(rounds))
             + f"  {'best':>6s}  {'to ' + str(round(100 * target)) + '%':>6s}  {'s/rnd':>6s}")
 
@@ -165,7 +166,7 @@ def row(result: dict, target: float) -> str:
     h = result["history"]
     at = [f"{100 * h[r - 1]:6.2f}" for r in report_rounds(len(h))]
     reached = rounds_to(h, target)
-    return (f"{result['split']:8s} {result['method']:22s} " + " ".join(at)
+    return (f"{result['split']:8s} {result['method']:26s} " + " ".join(at)
             + f"  {100 * max(h):6.2f}  {reached if reached else 'never':>6}"
             + f"  {result['seconds'] / len(h):6.1f}")
 
@@ -188,7 +189,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
     splits = [s for s in SPLITS if any(r["split"] == s for r in results)]
     columns = 2 if len(splits) > 2 else len(splits)
     rows = -(-len(splits) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), sharey=True,
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows),
                              squeeze=False)
     families = sorted({parse_method(r["method"])[0] for r in results})
     colour = {f: f"C{i}" for i, f in enumerate(families)}  # one colour per method everywhere
