@@ -31,7 +31,7 @@ split into --plot. --from-json redraws the table and plot without training.
 
 Full scale is 4 splits x 9 settings x 50 rounds of 10 clients x 3 epochs: one run took
 ~32 minutes (~38 s a round) with two runs side by side on 2 CPU cores, so the default grid
-is ~19 hours; the README's full-scale table ran 7 chosen runs with --splits and --method.
+is ~19 hours; the README's full-scale table ran 8 chosen runs with --splits and --method.
 The reduced scale above took ~37 minutes of CPU. Timings are wall clock on a shared machine.
 """
 
@@ -98,10 +98,12 @@ def parse_method(spec: str) -> tuple[str, float, dict]:
 def make_split(name: str, idx_dir: pathlib.Path, out: pathlib.Path, seed: int) -> pathlib.Path:
     """partition_data.py's files for one split (made once, reused while they exist)."""
     if not shards.manifest_path(out).exists():
-        subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "idx",
-                        "--dataset", "fashion_mnist", "--idx-dir", str(idx_dir),
-                        "--num-partitions", "10", "--seed", str(seed), "--out-dir", str(out),
-                        *SPLITS[name]], check=True, capture_output=True)
+        made = subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "idx",
+                               "--dataset", "fashion_mnist", "--idx-dir", str(idx_dir),
+                               "--num-partitions", "10", "--seed", str(seed), "--out-dir",
+                               str(out), *SPLITS[name]], capture_output=True, text=True)
+        if made.returncode:  # partition_data.py's own one-line error says what is wrong
+            raise shards.DataError(made.stderr.strip().splitlines()[-1])
     return out
 
 
@@ -122,7 +124,7 @@ def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epo
         seed: int, label: str = "") -> list[float]:
     """Test accuracy after each round of the federation's computation, in one process.
 
-    A progress line per round goes to stderr (a full-scale run is ~20 minutes).
+    A progress line per round goes to stderr (a full-scale run is about half an hour).
     """
     names = [name for name, _ in model.param_spec()]
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(seed)))
@@ -227,7 +229,7 @@ def report(results: list[dict], target: float, plot_path: pathlib.Path | None,
 
 
 def main() -> None:
-    """Run every (split, method) pair; print the table; write the JSON lines and the plot."""
+    """Check the flags, then compare (or only report --from-json); bad input is one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--idx-dir", type=pathlib.Path,
                    default=pathlib.Path("/usr/share/datasets/fashion-mnist"),
@@ -260,12 +262,30 @@ def main() -> None:
         methods = {spec: parse_method(spec) for spec in args.method}
     except ValueError as e:
         p.error(str(e))
-
+    if args.rounds < 1 or args.local_epochs < 1:
+        p.error("--rounds and --local-epochs must be >= 1")
+    if not 0 < args.train_fraction <= 1 or not 0 < args.target <= 1:
+        p.error("--train-fraction and --target must be in (0, 1]")
     if args.from_json:
-        results = [json.loads(line) for line in args.from_json.read_text().splitlines()]
-        scale = results[0]["scale"]
-        report(results, args.target, args.plot, scale)
+        try:
+            results = [json.loads(line) for line in args.from_json.read_text().splitlines()]
+            report(results, args.target, args.plot, results[0]["scale"])
+        except OSError as e:
+            sys.exit(f"bench_noniid.py: error: {e}")
+        except (ValueError, KeyError, IndexError) as e:  # ValueError: not JSON at all
+            sys.exit(f"bench_noniid.py: error: {args.from_json}: not this script's JSON "
+                     f"lines ({e!r})")
         return
+    try:
+        if args.json:  # a wrong path fails now, not after the first half-hour run
+            args.json.open("a").close()
+        compare(args, methods)
+    except (OSError, shards.DataError) as e:  # a wrong --idx-dir, --data-root or --json
+        sys.exit(f"bench_noniid.py: error: {e}")
+
+
+def compare(args: argparse.Namespace, methods: dict[str, tuple[str, float, dict]]) -> None:
+    """Run every (split, method) pair; print the table; append the JSON lines; plot."""
     scale = (f"Fashion-MNIST, 10 clients, {args.rounds} rounds x {args.local_epochs} local "
              f"epoch(s), {100 * args.train_fraction:g}% of the 54,000 training images")
     print(f"{os.cpu_count()} CPUs, jax {jax.__version__}; {scale}", flush=True)
