@@ -126,7 +126,8 @@ class MnistClient(NumPyClient):
             epochs=epochs, batch_size=int(config["batch_size"]),
             learning_rate=float(config["learning_rate"]),
             key=round_key(self.seed, server_round, self.partition),
-            proximal_mu=float(config.get("proximal_mu", 0.0)))  # FedProx; none sent: 0
+            proximal_mu=float(config.get("proximal_mu", 0.0)),  # FedProx; none sent: 0
+            optimizer=str(config.get("client_optimizer", model.OPTIMIZER)))
         log(INFO, "round %d: train loss %.4f, accuracy %.2f%% (%.1f s)", server_round,
             metrics["loss"], 100 * metrics["accuracy"], time.perf_counter() - start)
         arrays = model.params_to_ndarrays(params)

@@ -114,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         rounds=args.rounds, min_clients=args.min_clients, fraction_fit=args.fraction_fit,
         local_epochs=args.local_epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, seed=args.seed, round_timeout=args.round_timeout,
+        client_optimizer=args.client_optimizer, learning_rate=args.learning_rate,
+        seed=args.seed, round_timeout=args.round_timeout,
         proximal_mu=args.proximal_mu, server_optimizer=args.server_optimizer,
         server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
         data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
@@ -192,8 +193,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="epochs each client trains per round (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=model.BATCH_SIZE,
                    help="clients' mini-batch size (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=model.LEARNING_RATE,
-                   help="clients' learning rate (default: %(default)s)")
+    p.add_argument("--client-optimizer", default=model.OPTIMIZER, metavar="NAME",
+                   help="clients' local optimizer: adam, or sgd (momentum "
+                        f"{model.SGD_MOMENTUM}), better on extreme label skew "
+                        "(default: %(default)s)")
+    p.add_argument("--learning-rate", type=float,
+                   help="clients' peak learning rate (default: "
+                        + ", ".join(f"{v:g} for {k}" for k, v in model.LEARNING_RATES.items())
+                        + ")")
     p.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
                    help="FedProx (Li et al. 2020): clients add MU/2 ||w - w_global||^2 to "
                         "their loss, which limits their drift on non-IID data; 0 is FedAvg "

@@ -39,6 +39,7 @@ RUN_CONFIG_KEYS = {
     "fraction-fit": ("fraction_fit", (int, float)),
     "local-epochs": ("local_epochs", int),
     "batch-size": ("batch_size", int),
+    "client-optimizer": ("client_optimizer", str),
     "learning-rate": ("learning_rate", (int, float)),
     "proximal-mu": ("proximal_mu", (int, float)),
     "server-optimizer": ("server_optimizer", str),
@@ -62,8 +63,9 @@ RUN_CONFIG_KEYS = {
     "clipping-range": ("clipping_range", (int, float)),
 }
 OFF_KEYS = {"dp-noise-multiplier"}  # keys whose "off" is server.py's default of None
-# Keys whose default depends on server-optimizer: not in pyproject.toml (TOML has no null).
-DEFAULT_FROM_OPTIMIZER = ("server-learning-rate", "server-momentum")
+# Keys whose default depends on client-optimizer or server-optimizer: not in pyproject.toml
+# (TOML has no null).
+DEFAULT_FROM_OPTIMIZER = ("learning-rate", "server-learning-rate", "server-momentum")
 
 
 def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings:

@@ -121,7 +121,8 @@ def load(data_dir: pathlib.Path, fraction: float, seed: int):
 
 
 def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epochs: int,
-        seed: int, label: str = "") -> list[float]:
+        seed: int, client_optimizer: str = model.OPTIMIZER,
+        learning_rate: float = model.LEARNING_RATE, label: str = "") -> list[float]:
     """Test accuracy after each round of the federation's computation, in one process.
 
     A progress line per round goes to stderr (a full-scale run is about half an hour).
@@ -135,15 +136,32 @@ def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epo
         for k, (x, y) in enumerate(clients):
             params, _ = model.train(model.ndarrays_to_params(arrays), x, y, epochs=epochs,
                                     batch_size=model.BATCH_SIZE,
-                                    learning_rate=model.LEARNING_RATE,
+                                    learning_rate=learning_rate,
                                     key=client.round_key(seed, server_round, k),
-                                    proximal_mu=mu)
+                                    proximal_mu=mu, optimizer=client_optimizer)
             updates.append((model.params_to_ndarrays(params), len(x)))
         arrays = server.step(arrays, aggregation.fedavg(updates))
         history.append(model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1])
         print(f"  {label} round {server_round}/{rounds}: {100 * history[-1]:.2f}%",
               file=sys.stderr, flush=True)
     return history
+
+
+def recipe(result: dict) -> str:
+    """The clients' optimizer and learning rate when not the federation's ("" if they are).
+
+    JSON lines written before --client-optimizer existed ran Adam at its default rate.
+    """
+    optimizer = result.get("client_optimizer", model.OPTIMIZER)
+    learning_rate = result.get("learning_rate", model.LEARNING_RATES[optimizer])
+    if (optimizer, learning_rate) == (model.OPTIMIZER, model.LEARNING_RATE):
+        return ""
+    return f"{optimizer} {learning_rate:g}"
+
+
+def label(result: dict) -> str:
+    """The method, and the clients' recipe if it is not the default: "fedavg [sgd 0.01]"."""
+    return result["method"] + (f" [{recipe(result)}]" if recipe(result) else "")
 
 
 def rounds_to(history: list[float], target: float) -> int | None:
@@ -158,7 +176,7 @@ def report_rounds(rounds: int) -> list[int]:
 
 def header(rounds: int, target: float) -> str:
     """The table's head line."""
-    return (f"{'split':8s} {'method':26s} "
+    return (f"{'split':8s} {'method [clients]':38s} "
             + " ".join(f"{'r' + str(r):>6s}" for r in report_rounds(rounds))
             + f"  {'best':>6s}  {'to ' + str(round(100 * target)) + '%':>6s}  {'s/rnd':>6s}")
 
@@ -168,16 +186,20 @@ def row(result: dict, target: float) -> str:
     h = result["history"]
     at = [f"{100 * h[r - 1]:6.2f}" for r in report_rounds(len(h))]
     reached = rounds_to(h, target)
-    return (f"{result['split']:8s} {result['method']:26s} " + " ".join(at)
+    return (f"{result['split']:8s} {label(result):38s} " + " ".join(at)
             + f"  {100 * max(h):6.2f}  {reached if reached else 'never':>6}"
             + f"  {result['seconds'] / len(h):6.1f}")
 
 
 def best_per_method(results: list[dict]) -> dict[tuple[str, str], dict]:
-    """(split, family) -> the run of that family with the best final accuracy."""
+    """(split, family [clients]) -> the run of that family with the best final accuracy.
+
+    Runs whose clients used another optimizer or learning rate form their own families.
+    """
     best: dict[tuple[str, str], dict] = {}
     for r in results:
-        key = (r["split"], parse_method(r["method"])[0])
+        key = (r["split"], parse_method(r["method"])[0]
+               + (f" [{recipe(r)}]" if recipe(r) else ""))
         if key not in best or r["history"][-1] > best[key]["history"][-1]:
             best[key] = r
     return best
@@ -193,14 +215,14 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
     rows = -(-len(splits) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows),
                              squeeze=False)
-    families = sorted({parse_method(r["method"])[0] for r in results})
-    colour = {f: f"C{i}" for i, f in enumerate(families)}  # one colour per method everywhere
     best = best_per_method(results)
+    families = sorted({family for _, family in best})
+    colour = {f: f"C{i}" for i, f in enumerate(families)}  # one colour per method everywhere
     for ax, split in zip(axes.flat, splits):
         for (s, family), r in sorted(best.items()):
             if s == split:
                 ax.plot(range(1, len(r["history"]) + 1), [100 * a for a in r["history"]],
-                        label=r["method"], color=colour[family])
+                        label=label(r), color=colour[family])
         ax.set_title(TITLES[split], fontsize=10), ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)  # rounds: no 2.5
         ax.legend(fontsize=7, loc="lower right")
@@ -247,6 +269,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=50, help="rounds (default: %(default)s)")
     p.add_argument("--local-epochs", type=int, default=model.LOCAL_EPOCHS,
                    help="local epochs per round (default: %(default)s, the federation's)")
+    p.add_argument("--client-optimizer", choices=model.OPTIMIZERS, default=model.OPTIMIZER,
+                   help="clients' optimizer, server.py's --client-optimizer "
+                        "(default: %(default)s, the federation's)")
+    p.add_argument("--learning-rate", type=float,
+                   help="clients' peak learning rate, server.py's --learning-rate (default: "
+                        "the client optimizer's, "
+                        + ", ".join(f"{v:g} for {k}" for k, v in model.LEARNING_RATES.items())
+                        + ")")
     p.add_argument("--train-fraction", type=float, default=1.0,
                    help="fraction of each client's training images used, a seeded sample "
                         "(default: %(default)s: all 54,000)")
@@ -264,6 +294,10 @@ def main() -> None:
         p.error(str(e))
     if args.rounds < 1 or args.local_epochs < 1:
         p.error("--rounds and --local-epochs must be >= 1")
+    if args.learning_rate is None:
+        args.learning_rate = model.LEARNING_RATES[args.client_optimizer]
+    if not 0 < args.learning_rate < float("inf"):
+        p.error("--learning-rate must be a number > 0")
     if not 0 < args.train_fraction <= 1 or not 0 < args.target <= 1:
         p.error("--train-fraction and --target must be in (0, 1]")
     if args.from_json:
@@ -298,10 +332,14 @@ def compare(args: argparse.Namespace, methods: dict[str, tuple[str, float, dict]
             start = time.perf_counter()
             history = run(clients, x_test, y_test, mu=mu, optimizer=optimizer,
                           rounds=args.rounds, epochs=args.local_epochs, seed=args.seed,
-                          label=f"{split} {spec}")
+                          client_optimizer=args.client_optimizer,
+                          learning_rate=args.learning_rate, label=f"{split} {spec}")
             result = {"split": split, "method": spec, "history": history,
                       "seconds": time.perf_counter() - start, "scale": scale,
-                      "train_images": sum(len(x) for x, _ in clients)}
+                      "train_images": sum(len(x) for x, _ in clients),
+                      "local_epochs": args.local_epochs,
+                      "client_optimizer": args.client_optimizer,
+                      "learning_rate": args.learning_rate}
             results.append(result)
             print(row(result, args.target), flush=True)
             if args.json:

@@ -39,7 +39,8 @@ class ServerSettings:
     fraction_fit: float = 1.0           # fraction of connected clients that train each round
     local_epochs: int = model.LOCAL_EPOCHS
     batch_size: int = model.BATCH_SIZE
-    learning_rate: float = model.LEARNING_RATE
+    client_optimizer: str = model.OPTIMIZER  # adam | sgd, sent to clients
+    learning_rate: float | None = None  # None: the client optimizer's default peak rate
     seed: int = 0                       # seed of the initial global model
     proximal_mu: float = 0.0            # FedProx's mu, sent to clients (0: plain FedAvg)
     server_optimizer: str = "fedavg"    # fedavg | fedavgm | fedadam | fedyogi
@@ -64,8 +65,17 @@ class ServerSettings:
     # Settings of the transport (address, certificates, ...): recorded, never compared.
     transport: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A learning rate of None becomes the client optimizer's default (if it has one)."""
+        if self.learning_rate is None and self.client_optimizer in model.LEARNING_RATES:
+            object.__setattr__(self, "learning_rate",
+                               model.LEARNING_RATES[self.client_optimizer])
+
     def problem(self) -> str | None:
         """Why these settings cannot run (one line), or None."""
+        if self.client_optimizer not in model.OPTIMIZERS:
+            return (f"client-optimizer {self.client_optimizer!r} is not one of "
+                    f"{', '.join(model.OPTIMIZERS)}")
         for name in ("rounds", "min_clients", "local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 return f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -168,8 +178,8 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
     return {
         "rounds": settings.rounds, "min_clients": settings.min_clients,
         "fraction_fit": settings.fraction_fit, "local_epochs": settings.local_epochs,
-        "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-        "seed": settings.seed, "round_timeout": settings.round_timeout,
+        "batch_size": settings.batch_size, "client_optimizer": settings.client_optimizer,
+        "learning_rate": settings.learning_rate, "seed": settings.seed, "round_timeout": settings.round_timeout,
         "aggregation": settings.aggregation,
         # A rule's own setting is recorded (and must match on resume) only with that rule.
         "trim_fraction": (settings.trim_fraction if settings.aggregation == "trimmed-mean"
@@ -272,6 +282,7 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
         total_rounds=settings.rounds, min_clients=settings.min_clients,
         fraction_fit=settings.fraction_fit, records=records,
         fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
+                    "client_optimizer": settings.client_optimizer,
                     "learning_rate": settings.learning_rate,
                     "proximal_mu": settings.proximal_mu},
         run_config=config, round_timeout=settings.round_timeout, seed=settings.seed,

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import model
@@ -213,7 +214,7 @@ def _step_before_fedprox(params, opt_state, learning_rate, images, labels, mask)
     """model.train_step as it was before FedProx (issue 12), verbatim: the reference."""
     (loss, correct), grads = jax.value_and_grad(model._masked_loss, has_aux=True)(
         params, images, labels, mask)
-    updates, opt_state = model._ADAM.update(grads, opt_state)
+    updates, opt_state = optax.scale_by_adam().update(grads, opt_state)  # then model._ADAM
     params = jax.tree_util.tree_map(lambda p, u: p - learning_rate * u, params, updates)
     return params, opt_state, loss, correct
 
@@ -270,17 +271,50 @@ def test_fedprox_gradient_is_that_of_mu_over_2_times_the_squared_distance():
             jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(global_params)))
         return loss + mu / 2 * squared
 
-    _, expected = model._ADAM.update(jax.grad(objective)(params), opt_state)
+    _, expected = model._OPTIMIZERS["adam"].update(jax.grad(objective)(params), opt_state)
     _, stepped, _, _ = model.train_step(params, opt_state, np.float32(1e-3), images, labels,
                                         mask, global_params, mu)
     cross_entropy = lambda p: model._masked_loss(p, images, labels, mask)[0]
-    _, without_mu = model._ADAM.update(jax.grad(cross_entropy)(params), opt_state)
+    _, without_mu = model._OPTIMIZERS["adam"].update(jax.grad(cross_entropy)(params), opt_state)
     for x, y in zip(jax.tree_util.tree_leaves(stepped.mu), jax.tree_util.tree_leaves(expected.mu)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     # The case can go wrong: the proximal part of that gradient is not small.
     prox = [x - y for x, y in zip(jax.tree_util.tree_leaves(expected.mu),
                                   jax.tree_util.tree_leaves(without_mu.mu))]
     assert max(float(jnp.max(jnp.abs(d))) for d in prox) > 1e-3
+
+
+# ------------------------------------------------------------------ the client optimizer
+
+def test_sgd_clients_take_heavy_ball_momentum_steps_under_the_same_schedule():
+    """optimizer="sgd": v <- 0.9 v + g, w <- w - lr_t v, v = 0 at the start of every call,
+    lr_t the same warm-up + cosine as Adam's; written out here with jax.grad."""
+    params, (images, labels), key = _busy_params(), _toy_data(70), jax.random.key(5)
+    trained, metrics = model.train(params, images, labels, epochs=2, batch_size=32,
+                                   learning_rate=0.05, key=key, optimizer="sgd")
+    grad = jax.jit(jax.grad(lambda p, x, y, m: model._masked_loss(p, x, y, m)[0]))
+    w, v, done = params, jax.tree_util.tree_map(jnp.zeros_like, params), 0
+    for epoch in (0, 1):
+        for idx, mask in model.padded_batches(model.epoch_order(key, epoch, 70), 32):
+            g = grad(w, images[idx], labels[idx], mask)
+            v = jax.tree_util.tree_map(lambda v, g: 0.9 * v + g, v, g)
+            lr = model.local_learning_rate(0.05, done, 6)  # 2 epochs x 3 batches
+            w, done = jax.tree_util.tree_map(lambda w, v: w - lr * v, w, v), done + 1
+    for x, y in zip(model.params_to_ndarrays(trained), model.params_to_ndarrays(w)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert metrics["num_examples"] == 140
+    adam, _ = model.train(params, images, labels, epochs=2, batch_size=32,
+                          learning_rate=0.05, key=key)  # the default: another model
+    assert _distance(adam, trained) > 10 * _distance(trained, w) + 1e-3
+
+
+def test_an_unknown_client_optimizer_is_one_line():
+    images, labels = _toy_data(8)
+    with pytest.raises(ValueError, match="^unknown client optimizer 'rmsprop'; known: "
+                                         "adam, sgd$"):
+        model.train(model.init_params(jax.random.key(0)), images, labels, epochs=1,
+                    batch_size=8, learning_rate=1e-3, key=jax.random.key(0),
+                    optimizer="rmsprop")
 
 
 def test_each_epoch_has_its_own_shuffle():

@@ -45,6 +45,33 @@ def test_proximal_mu_reaches_the_fit_config_from_both_entry_points(data_dir, tmp
     assert ServerSettings().proximal_mu == 0.0  # default: FedAvg
 
 
+# ---------------------------------------------------------------- the client optimizer
+
+def test_client_optimizer_reaches_the_fit_config_with_its_own_default_rate(data_dir, tmp_path):
+    cli = server.settings_from_args(server.parse_args(
+        ["--client-optimizer", "sgd", "--data-dir", str(data_dir),
+         "--results-dir", str(tmp_path / "r"), "--min-clients", "1"]))
+    app = server_app.settings_from_run_config({"client-optimizer": "sgd"})
+    assert (cli.client_optimizer, cli.learning_rate) == (app.client_optimizer,
+                                                         app.learning_rate) == ("sgd", 0.01)
+    strategy, _ = build_strategy(cli)
+    assert (strategy.fit_config["client_optimizer"], strategy.fit_config["learning_rate"]) == (
+        "sgd", 0.01)
+    assert strategy.run_config["client_optimizer"] == "sgd"
+    assert (ServerSettings().client_optimizer, ServerSettings().learning_rate) == ("adam", 4e-3)
+    assert ServerSettings(client_optimizer="sgd", learning_rate=0.05).learning_rate == 0.05
+    assert server_app.settings_from_run_config({"client-optimizer": "rmsprop"}).problem() == (
+        "client-optimizer 'rmsprop' is not one of adam, sgd")
+
+
+def test_resume_reads_older_runs_as_adam_clients():
+    saved = {"seed": 0, "fraction_fit": 1.0, "local_epochs": 1, "batch_size": 32,
+             "learning_rate": 0.004, "manifest_sha256": "ab", "model": {"w": "2x3"}}
+    assert results.resume_mismatch(saved, dict(saved, client_optimizer="adam")) is None
+    assert results.resume_mismatch(saved, dict(saved, client_optimizer="sgd")) == (
+        "client_optimizer was 'adam', now 'sgd'")
+
+
 def test_resume_refuses_another_mu_and_reads_older_runs_as_mu_0():
     saved = {"seed": 0, "fraction_fit": 1.0, "local_epochs": 1, "batch_size": 32,
              "learning_rate": 0.001, "manifest_sha256": "ab", "model": {"w": "2x3"}}
@@ -59,6 +86,8 @@ def test_resume_refuses_another_mu_and_reads_older_runs_as_mu_0():
     (["--proximal-mu", "-0.1"], "--proximal-mu must be a number >= 0, got -0.1"),
     (["--proximal-mu", "nan"], "--proximal-mu must be a number >= 0, got nan"),
     (["--proximal-mu", "inf"], "--proximal-mu must be a number >= 0, got inf"),
+    (["--client-optimizer", "rmsprop"], "--client-optimizer 'rmsprop' is not one of adam, sgd"),
+    (["--client-optimizer", "sgd", "--learning-rate", "0"], "--learning-rate must be > 0, got 0.0"),
 ])
 def test_bad_server_flags_are_one_line_before_anything_starts(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -279,8 +308,8 @@ def test_server_optimizer_run_config_keys():
 
 # ------------------------------------------------- a resumed run of real processes
 
-def fedopt_in_one_process(data_dir, rounds: int, config: dict,
-                          proximal_mu: float) -> dict[str, np.ndarray]:
+def fedopt_in_one_process(data_dir, rounds: int, config: dict, proximal_mu: float,
+                          client_optimizer: str = "adam") -> dict[str, np.ndarray]:
     """The global model after `rounds` of FedProx clients and a server optimizer over
     CLIENTS partitions, in one process: model.train with the documented keys, the
     example-weighted average, the optimizer's step (what the federation must equal)."""
@@ -292,9 +321,10 @@ def fedopt_in_one_process(data_dir, rounds: int, config: dict,
         trained = []
         for i, part in enumerate(parts):
             params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
-                                    epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
+                                    epochs=1, batch_size=32,
+                                    learning_rate=model.LEARNING_RATES[client_optimizer],
                                     key=documented_key(0, server_round, i),
-                                    proximal_mu=proximal_mu)
+                                    proximal_mu=proximal_mu, optimizer=client_optimizer)
             trained.append((model.params_to_ndarrays(params), len(part.x_train)))
         arrays = optimizer.step(arrays, aggregation.fedavg(trained))
     return dict(zip(names, arrays))
@@ -303,12 +333,14 @@ def fedopt_in_one_process(data_dir, rounds: int, config: dict,
 @pytest.mark.slow
 def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tmp_path,
                                                                        data_dir):
-    """server.py --server-optimizer fedadam --proximal-mu 0.1, SIGKILLed once round 1 is
-    saved, then --resume: the model equals an uninterrupted run bit for bit (so the
-    optimizer's state was restored, and the clients trained with mu). Resuming with
-    another optimizer or other settings is then refused in one line, changing nothing."""
+    """server.py --server-optimizer fedadam --proximal-mu 0.1 --client-optimizer sgd,
+    SIGKILLed once round 1 is saved, then --resume: the model equals an uninterrupted run
+    bit for bit (so the optimizer's state was restored, and the clients trained with mu
+    and SGD at its default rate). Resuming with another optimizer or other settings is
+    then refused in one line, changing nothing."""
     port, run_dir = free_port(), tmp_path / "results"
-    method = ["--server-optimizer", "fedadam", "--proximal-mu", "0.1"]
+    sgd = ["--client-optimizer", "sgd"]
+    method = ["--server-optimizer", "fedadam", "--proximal-mu", "0.1", *sgd]
     args = [*server_args(port, data_dir, run_dir, 3), *method]
     procs.start("server", "server.py", *args)
     for i in range(CLIENTS):
@@ -326,7 +358,8 @@ def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tm
         assert procs.wait(f"client_{i}", 30) == 0, procs.log(f"client_{i}")
     assert [r["round"] for r in records(run_dir)] == [0, 1, 2, 3]
     resumed = load_model(run_dir / "global_model.npz")
-    reference = fedopt_in_one_process(data_dir, 3, server_optimizers.settings("fedadam"), 0.1)
+    reference = fedopt_in_one_process(data_dir, 3, server_optimizers.settings("fedadam"), 0.1,
+                                      "sgd")
     for name in reference:
         assert np.array_equal(resumed[name], reference[name]), name
     assert sorted(p.name for p in run_dir.glob("server_optimizer_*")) == [
@@ -335,14 +368,16 @@ def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tm
     before = snapshot(run_dir)
     adam = "{'name': 'fedadam', 'learning_rate': 0.01, 'momentum': 0.9, 'b2': 0.99, 'tau': 0.001}"
     refusals = {
-        "yogi": (["--server-optimizer", "fedyogi", "--proximal-mu", "0.1"],
+        "yogi": (["--server-optimizer", "fedyogi", "--proximal-mu", "0.1", *sgd],
                  f"server_optimizer was {adam}, now {{'name': 'fedyogi', 'learning_rate': "
                  "0.01, 'momentum': 0.9, 'b2': 0.99, 'tau': 0.001}"),
         "rate": ([*method, "--server-learning-rate", "0.02"],
                  f"server_optimizer was {adam}, now {adam.replace('0.01', '0.02')}"),
-        "fedavg": (["--proximal-mu", "0.1"],
+        "fedavg": (["--proximal-mu", "0.1", *sgd],
                    f"server_optimizer was {adam}, now {{'name': 'fedavg'}}"),
-        "mu": (["--server-optimizer", "fedadam"], "proximal_mu was 0.1, now 0.0"),
+        "mu": (["--server-optimizer", "fedadam", *sgd], "proximal_mu was 0.1, now 0.0"),
+        "adam": (method[:4], "client_optimizer was 'sgd', now 'adam'"),
+        "sgd rate": ([*method, "--learning-rate", "0.02"], "learning_rate was 0.01, now 0.02"),
     }
     for name, (flags, _) in refusals.items():
         procs.start(name, "server.py", *server_args(free_port(), data_dir, run_dir, 4),
