@@ -90,7 +90,8 @@ class MnistClient(NumPyClient):
         persistent cache, federation/compile_cache.py). This compiles what fit() and
         evaluate() run, without training: the training and evaluation steps on one
         masked batch each (model.compile_steps), and this shard's shuffle. A --batch-size
-        from the server other than this one compiles again in round 1.
+        or --client-optimizer from the server other than the defaults compiles again in
+        round 1 (or loads from the persistent cache).
         """
         model.compile_steps(batch_size, self.eval_batch_size)
         model.epoch_order(round_key(self.seed, 0, self.partition), 0, len(self.data.x_train))

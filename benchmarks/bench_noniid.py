@@ -232,6 +232,9 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
         ax.set_ylabel("test accuracy (%)")
     for ax in list(axes.flat)[len(splits):]:
         ax.set_visible(False)
+    if any(recipe(r) for r in results):
+        title += (f"; clients: {model.OPTIMIZER} {model.LEARNING_RATE:g} unless the label "
+                  "says [optimizer rate]")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
