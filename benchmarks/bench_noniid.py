@@ -15,6 +15,8 @@ four ways (IID, Dirichlet alpha 0.5, Dirichlet alpha 0.1, exactly 2 labels per c
 The methods: METHODS below, a small grid for each; --method picks others, e.g.
 "fedprox:mu=0.05", "fedavgm:lr=1,m=0.9", "fedadam:lr=0.003,m=0.9", "fedyogi:lr=0.01",
 and both families at once, "fedavgm:lr=1,m=0.9,mu=0.1" (FedProx's clients, FedAvgM's server).
+--client-optimizer sgd (and --learning-rate) change the clients' recipe as server.py's
+flags do; each run's JSON line records it, and the table and plot mark it "[sgd 0.01]".
 
 It prints one line per run (accuracy after rounds 10, 25 and 50 as far as the run goes,
 after its last round, the best, and the first round at --target),
@@ -31,7 +33,8 @@ split into --plot. --from-json redraws the table and plot without training.
 
 Full scale is 4 splits x 9 settings x 50 rounds of 10 clients x 3 epochs: one run took
 ~32 minutes (~38 s a round) with two runs side by side on 2 CPU cores, so the default grid
-is ~19 hours; the README's full-scale table ran 8 chosen runs with --splits and --method.
+is ~19 hours; the README's full-scale table ran chosen runs with --splits and --method
+(and --client-optimizer).
 The reduced scale above took ~37 minutes of CPU. Timings are wall clock on a shared machine.
 """
 
@@ -233,7 +236,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
     for ax in list(axes.flat)[len(splits):]:
         ax.set_visible(False)
     if any(recipe(r) for r in results):
-        title += (f"; clients: {model.OPTIMIZER} {model.LEARNING_RATE:g} unless the label "
+        title += (f"\nclients: {model.OPTIMIZER} {model.LEARNING_RATE:g} unless the label "
                   "says [optimizer rate]")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
