@@ -32,13 +32,14 @@ RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz
 # Everything else may change on --resume: --rounds (to extend a run), --min-clients and
 # --round-timeout (liveness policy), --address, --certificates and the directory paths.
 RESUME_MUST_MATCH = ("seed", "fraction_fit", "local_epochs", "batch_size", "client_optimizer",
-                     "learning_rate",
-                     "manifest_sha256", "model", "aggregation", "trim_fraction",
-                     "krum_malicious", "dp", "secagg", "proximal_mu", "server_optimizer")
+                     "learning_rate", "manifest_sha256", "model", "aggregation",
+                     "trim_fraction", "krum_malicious", "dp", "secagg", "proximal_mu",
+                     "server_optimizer")
 
 # A run_config.json written before a setting existed ran with that setting's value here.
-SAVED_BEFORE_SETTING = {"client_optimizer": "adam", "aggregation": "fedavg", "trim_fraction": None, "krum_malicious": None,
-                        "dp": None, "secagg": False, "proximal_mu": 0.0,
+SAVED_BEFORE_SETTING = {"client_optimizer": "adam", "aggregation": "fedavg",
+                        "trim_fraction": None, "krum_malicious": None, "dp": None,
+                        "secagg": False, "proximal_mu": 0.0,
                         "server_optimizer": {"name": "fedavg"}}
 
 

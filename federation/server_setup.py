@@ -179,7 +179,8 @@ def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
         "rounds": settings.rounds, "min_clients": settings.min_clients,
         "fraction_fit": settings.fraction_fit, "local_epochs": settings.local_epochs,
         "batch_size": settings.batch_size, "client_optimizer": settings.client_optimizer,
-        "learning_rate": settings.learning_rate, "seed": settings.seed, "round_timeout": settings.round_timeout,
+        "learning_rate": settings.learning_rate, "seed": settings.seed,
+        "round_timeout": settings.round_timeout,
         "aggregation": settings.aggregation,
         # A rule's own setting is recorded (and must match on resume) only with that rule.
         "trim_fraction": (settings.trim_fraction if settings.aggregation == "trimmed-mean"
