@@ -69,9 +69,10 @@ Training choices
 * The client optimizer: Adam (above) or, with `train(..., optimizer="sgd")`, SGD with
   momentum 0.9 under the same schedule (peak 0.01 by default): the local optimizer of
   NIID-Bench (Li et al. 2022), whose FedAvg numbers the README compares against. On
-  extreme label skew (2 labels per client) it is the better choice: Adam takes full-size
-  steps even on the small, consistent gradients that push a client's 8 missing classes
-  down, and the average of such clients learns slowly (README, "Non-IID data").
+  label-skewed Fashion-MNIST it was the better choice (FedAvg, 50 rounds: 2 labels per
+  client 85.2% against Adam's 50.1%, Dirichlet 0.1 88.1% against 83.1%; README, "Non-IID
+  data"). Our reading, not measured: Adam takes full-size steps even on the small,
+  consistent gradients that push a client's missing classes down.
   The optimizer is a static argument of the jitted step: one program for each.
 * Pad-and-mask: the last partial batch is padded to `batch_size` and the padding is
   masked out of the loss and the counts, so every example is used, small shards too,
