@@ -162,9 +162,14 @@ def recipe(result: dict) -> str:
     return f"{optimizer} {learning_rate:g}"
 
 
+def with_recipe(name: str, result: dict) -> str:
+    """name, and the run's client recipe if it is not the default: "fedavg [sgd 0.01]"."""
+    return name + (f" [{recipe(result)}]" if recipe(result) else "")
+
+
 def label(result: dict) -> str:
-    """The method, and the clients' recipe if it is not the default: "fedavg [sgd 0.01]"."""
-    return result["method"] + (f" [{recipe(result)}]" if recipe(result) else "")
+    """The run's method spec with its client recipe, for the table and the legend."""
+    return with_recipe(result["method"], result)
 
 
 def rounds_to(history: list[float], target: float) -> int | None:
@@ -201,8 +206,7 @@ def best_per_method(results: list[dict]) -> dict[tuple[str, str], dict]:
     """
     best: dict[tuple[str, str], dict] = {}
     for r in results:
-        key = (r["split"], parse_method(r["method"])[0]
-               + (f" [{recipe(r)}]" if recipe(r) else ""))
+        key = (r["split"], with_recipe(parse_method(r["method"])[0], r))
         if key not in best or r["history"][-1] > best[key]["history"][-1]:
             best[key] = r
     return best
