@@ -44,7 +44,8 @@ SCRIPT_DIRS = (ROOT, ROOT / "benchmarks", ROOT / "docs")
 ENTRY_POINTS = ("flower-superlink", "flower-supernode")  # argparse CLIs of Flower
 
 FENCE = re.compile(r"^(\s*)(`{3,})([\w-]*)\s*$")
-MARKER = re.compile(r"^<!--\s*(snippet:\s*(?P<path>[\w./-]+)::(?P<name>[\w.]+)|illustration)\s*-->$")
+MARKER = re.compile(
+    r"^<!--\s*(snippet:\s*(?P<path>[\w./-]+)::(?P<name>[\w.]+)|illustration)\s*-->$")
 LINK = re.compile(r"!?\[(?:[^\]`]|`[^`]*`)*\]\(([^)\s]+)\)")
 INLINE_CODE = re.compile(r"(?<!`)`([^`]+)`(?!`)")  # may wrap onto the next line
 
@@ -555,3 +556,68 @@ def test_no_internal_issue_numbers_in_the_docs() -> None:
             for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
             if re.search(r"\bissues? #?\d+\b", line, re.I)]
     assert not hits, f"internal issue numbers: {hits}"
+
+
+@functools.cache
+def repo_files() -> frozenset[str]:
+    """The repository's files, relative to ROOT: hidden directories, caches and virtual
+    environments (a quick start's .venv lives here too) left out."""
+    out = set()
+    for directory, subdirs, files in os.walk(ROOT):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d != "__pycache__"
+                      and not (Path(directory) / d / "pyvenv.cfg").exists()]
+        out.update((Path(directory) / f).relative_to(ROOT).as_posix() for f in files)
+    return frozenset(out)
+
+
+def test_every_file_named_in_the_docs_exists() -> None:
+    # `federation/strategy.py` or `flower_data.py` in prose: a source file that moved or was renamed
+    # leaves the docs pointing at nothing. Paths inside Flower's package are not ours.
+    ours = repo_files()
+    names = {Path(p).name for p in ours}
+    missing = []
+    for doc in DOCS:
+        text = prose(doc)
+        for m in INLINE_CODE.finditer(text):
+            span = m.group(1).strip()
+            if not re.fullmatch(r"[\w./-]+\.(py|toml|txt)", span) \
+                    or span.startswith(("flwr/", "results/", "data/", "/")) or "<" in span:
+                continue
+            if span not in ours and span not in names:
+                line = text.count("\n", 0, m.start()) + 1
+                missing.append(f"{rel(doc)}:{line}: {span}")
+    assert not missing, "files named in the docs that do not exist:\n" + "\n".join(missing)
+
+
+def file_map() -> set[str]:
+    """The paths the README's file map (the ```text block under "## Files") names in its
+    first column: `dir/` lines open a directory for the indented lines below them."""
+    heading = (ROOT / "README.md").read_text(encoding="utf-8").splitlines().index("## Files")
+    block = next(b for b in blocks(ROOT / "README.md") if b.line > heading and b.lang == "text")
+    named, directory = set(), ""
+    for line in block.text.splitlines():
+        indented = line.startswith(" ")
+        names = []
+        # Columns are separated by two or more spaces; the names come before the description.
+        for field in re.split(r" {2,}", line.strip()):
+            if not re.fullmatch(r"[\w.*-]+(/[\w.*-]+)*/?", field) or not (
+                    "." in field or field.endswith("/")):
+                break
+            names.append(field)
+        if not names:
+            continue
+        if not indented:
+            directory = names[0] if names[0].endswith("/") else ""
+        for name in names:
+            named.add(((directory if indented else "") + name).rstrip("/"))
+    return named
+
+
+def test_the_file_map_names_real_files_and_every_python_file() -> None:
+    named = file_map()
+    missing = sorted(n for n in named if "*" not in n and not (ROOT / n).exists())
+    assert not missing, f"the README's file map names files that do not exist: {missing}"
+    tracked = [p for p in repo_files() if p.endswith(".py")]
+    unlisted = sorted(p for p in tracked if p not in named and not p.startswith("docs/")
+                      and not p.endswith("__init__.py"))
+    assert not unlisted, f"Python files missing from the README's file map: {unlisted}"
