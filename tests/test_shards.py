@@ -143,7 +143,7 @@ def test_importing_shards_stays_light():
 def test_client_and_server_start_without_datasets():
     # Only partition_data.py needs Flower Datasets: `datasets`, pandas and seaborn take seconds
     # to import, which every client process would pay at start-up.
-    heavy = ("datasets", "flwr_datasets", "flower_data", "huggingface_hub", "seaborn")
+    heavy = ("datasets", "flwr_datasets", "federation.partitioners", "huggingface_hub", "seaborn")
     code = ("import sys, client, server, client_app, server_app; "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
