@@ -230,7 +230,7 @@ def describe(partitioner: Partitioner) -> str:
     """Which partitioner made the split, and from where (another version may split differently)."""
     name = type(partitioner).__name__
     if isinstance(partitioner, _RowsPartitioner):
-        return f"{name} (flower_data.py)"
+        return f"{name} (federation/partitioners.py)"
     return f"{name} (flwr-datasets {flwr_datasets.__version__})"
 
 

@@ -432,7 +432,7 @@ def test_cli_idx_writes_exact_partitions_and_manifest(idx_dir, tmp_path):
     table = result.stdout.splitlines()
     assert any(line.split()[:3] == ["0", "135", "15"] for line in table)
     assert any(line.startswith("label skew 0.000") for line in table)
-    assert manifest["partitioner"] == "StratifiedIidPartitioner (flower_data.py)"
+    assert manifest["partitioner"] == "StratifiedIidPartitioner (federation/partitioners.py)"
 
 
 def test_cli_draws_the_label_distribution(idx_dir, tmp_path):
