@@ -134,8 +134,11 @@ def test_load_manifest(tmp_path):
 
 
 def test_importing_shards_stays_light():
-    # Clients and the server import federation/shards.py; it must not drag in tfds or JAX.
-    code = "import sys, federation.shards; print(sorted(m for m in ('jax', 'tensorflow_datasets', 'absl') if m in sys.modules))"
+    # Clients and the server import federation/shards.py, demo.py federation/sources.py (for
+    # partition_data.py's choices): neither may drag in tfds, Flower Datasets or JAX.
+    heavy = ("jax", "tensorflow_datasets", "absl", "datasets", "flwr_datasets")
+    code = ("import sys, federation.shards, federation.sources; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
