@@ -10,9 +10,10 @@ it reads or writes anything there, and keeps it until its run ends:
 - the lock: the operating system's exclusive lock (flock) on the directory itself, taken
   with the filelock package's ``lock_descriptor``. The kernel drops it when the holder
   exits, however it exits (SIGKILL and power loss included), so a crashed run never
-  blocks the next one, and nothing needs cleaning up. (filelock's ``FileLock`` would
+  blocks the next one, and nothing needs cleaning up. filelock's ``FileLock`` would
   lock a ``.lock`` file that it creates in the directory; locking the directory's own
-  descriptor adds no file, and it is the same library's lock.)
+  descriptor (possible on Linux and macOS, where this tutorial runs) adds no file
+  there, and it is the same library's lock.
 - the owner: a lock says nothing about who holds it, so the holder writes
   ``.run_owner.json`` (PID, host, command line, start time) into the directory, by a
   temporary file and os.replace, and deletes it when it lets go. A refused process reads

@@ -264,7 +264,7 @@ def lock_results_dir(results_dir: str) -> None:
 
 
 def _build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None:
-    """build_strategy, which releases the run lock if this fails or builds nothing."""
+    """What build_strategy does (build_strategy releases the run lock if this raises)."""
     problem = settings.problem()
     if problem:
         raise SetupError(problem)
