@@ -176,9 +176,9 @@ def load_client_data(data_dir: str | os.PathLike, partition: int) -> shards.Part
     if not path.exists():
         raise shards.DataError(f"{path} not found: create the shards with partition_data.py "
                                "or point --data-dir at them")
+    data = shards.load_partition(path)  # first: an unreadable file is said to be one
     if manifest is not None:
         shards.check_shard_hash(path, manifest)
-    data = shards.load_partition(path)
     labels = np.unique(data.y_train)
     if len(labels) < 2:
         # It still trains: a client that sees one class can be real (extreme label skew).

@@ -191,8 +191,8 @@ def check_shard_hash(path: PathLike, manifest: dict) -> None:
         raise DataError(
             f"{path} is not the shard that {manifest_path(path.parent)} describes (its SHA-256 "
             f"is {actual[:12]}..., the manifest records {recorded[:12]}...): it comes from "
-            "another split; recreate the data with partition_data.py or use the manifest.json "
-            "made with this shard")
+            "another split, or was changed since; recreate the data with partition_data.py, "
+            "or use the manifest.json made with this shard")
 
 
 def manifest_sha256(data_dir: PathLike) -> str:
