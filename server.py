@@ -11,7 +11,9 @@ server_setup.py, which server_app.py shares); this file is the command line arou
     python server.py --rounds 8 --resume    # continue a stopped (or finished) run
 
 A new run refuses a --results-dir that already holds one (continue it with --resume, or
-replace it with --overwrite); nothing there changes until the server is listening.
+replace it with --overwrite); nothing there changes until the server is listening. One
+live run per directory: while a server (or a ServerApp) runs into it, another is refused,
+with --resume or --overwrite too, in one line naming it (federation/run_lock.py).
 SIGINT/SIGTERM stop the server with exit status 130/143, naming the last saved round.
 
 Protection (README Part 5): --aggregation median|trimmed-mean|krum against poisoning

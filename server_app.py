@@ -25,7 +25,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerAppComponents, Ser
 from flwr.server.compat import start_grid
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from federation import compile_cache, shards
+from federation import compile_cache, run_lock, shards
 from federation.client_manager import TimeoutClientManager
 from federation.server_setup import (ServerSettings, SetupError, TrueRoundLogFilter,
                                      build_strategy)
@@ -142,13 +142,19 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the rounds: Flower's plain FedAvg loop, or SecAgg+ with `secagg = true`."""
-    components = server_fn(context)  # a bad run config fails the run here, with one line
+    # A bad run config, or a results-dir that a live run holds, fails the run here, with
+    # one line; otherwise this process holds the results-dir's run lock until the end.
+    components = server_fn(context)
     settings = settings_from_run_config(context.run_config)  # checked by server_fn
-    if not settings.secagg:
-        # Exactly what ServerApp(server_fn=server_fn) runs: Flower's legacy server loop.
-        start_grid(grid=grid, config=components.config, strategy=components.strategy,
-                   client_manager=components.client_manager)
-        return
-    legacy = LegacyContext(context, config=components.config, strategy=components.strategy,
-                           client_manager=components.client_manager)
-    secagg_workflow(settings, components.strategy)(grid, legacy)
+    try:
+        if not settings.secagg:
+            # Exactly what ServerApp(server_fn=server_fn) runs: Flower's legacy server loop.
+            start_grid(grid=grid, config=components.config, strategy=components.strategy,
+                       client_manager=components.client_manager)
+            return
+        legacy = LegacyContext(context, config=components.config,
+                               strategy=components.strategy,
+                               client_manager=components.client_manager)
+        secagg_workflow(settings, components.strategy)(grid, legacy)
+    finally:
+        run_lock.release(settings.results_dir)

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import privacy, server_optimizers, shards
+from federation import privacy, run_lock, server_optimizers, shards
 from federation.aggregation import RULES, Arrays, krum_minimum_clients
 from federation.results import ResultsDir, resume_mismatch
 from federation.strategy import CheckedFedAvg
@@ -237,7 +237,34 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
 
     Returns (strategy, rounds left to run), or None if a resumed run is already complete.
     Raises SetupError or shards.DataError with a one-line message.
+
+    Before reading the results directory it takes the directory's run lock
+    (federation/run_lock.py), refusing one that a live run holds. This process keeps the
+    lock for the whole run, until run_lock.release(settings.results_dir) or its exit; it
+    is released here if nothing is built.
     """
+    try:
+        built = _build_strategy(settings)
+    except BaseException:
+        run_lock.release(settings.results_dir)
+        raise
+    if built is None:
+        run_lock.release(settings.results_dir)
+    return built
+
+
+def lock_results_dir(results_dir: str) -> None:
+    """Take the results directory's run lock; SetupError naming the live run that holds it."""
+    try:
+        run_lock.acquire(results_dir)
+    except run_lock.Busy as e:
+        raise SetupError(str(e)) from None
+    except OSError as e:
+        raise SetupError(f"--results-dir: cannot lock {results_dir} ({e.strerror})") from None
+
+
+def _build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None:
+    """What build_strategy does (build_strategy releases the run lock if this raises)."""
     problem = settings.problem()
     if problem:
         raise SetupError(problem)
@@ -253,6 +280,7 @@ def build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | None
     problem = results.problem()
     if problem:
         raise SetupError(f"--results-dir: {problem}")
+    lock_results_dir(settings.results_dir)  # before anything there is read or written
     if not settings.resume and not settings.overwrite and results.run_files():
         raise SetupError(f"{settings.results_dir} already holds a run: continue it with "
                          "--resume, replace it with --overwrite, or choose another "

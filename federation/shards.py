@@ -170,6 +170,31 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_shard_hash(path: PathLike, manifest: dict) -> None:
+    """Raise DataError unless the file's SHA-256 is the one the manifest records for it.
+
+    partition_data.py records every file's hash; a shard copied in from another split
+    (another seed, scheme or dataset) has another hash, and would otherwise train quietly
+    on data that the server's manifest, test set and results do not describe. A manifest
+    that records no hash for the file checks nothing. Hashing reads the file once more:
+    milliseconds for a shard.
+    """
+    path = pathlib.Path(path)
+    recorded = (manifest.get("sha256") or {}).get(path.name)
+    if recorded is None:
+        return
+    try:
+        actual = file_sha256(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if actual != recorded:
+        raise DataError(
+            f"{path} is not the shard that {manifest_path(path.parent)} describes (its SHA-256 "
+            f"is {actual[:12]}..., the manifest records {recorded[:12]}...): it comes from "
+            "another split, or was changed since; recreate the data with partition_data.py, "
+            "or use the manifest.json made with this shard")
+
+
 def manifest_sha256(data_dir: PathLike) -> str:
     """SHA-256 of manifest.json; it lists every shard's hash, so it identifies the whole split."""
     path = manifest_path(data_dir)

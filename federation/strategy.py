@@ -206,7 +206,7 @@ class CheckedFedAvg(FedAvg):
             # Flower calls this once the server is up (its port bound): only now may the
             # results directory change, so a server that fails to start leaves it alone.
             self.results.begin(self.run_config, clear=not self.records)
-        if server_round == 0 and self.offset:
+        if server_round == 0 and self.records:  # resumed (after round 0, too): recorded
             return None
         arrays = parameters_to_ndarrays(parameters)
         start = time.perf_counter()

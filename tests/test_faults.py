@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from federation import run_lock
 from test_federation import (
     CLIENTS,
     ENV,
@@ -118,7 +119,7 @@ def test_overwrite_waits_until_listening_and_signals_exit_non_zero(procs, tmp_pa
     for name, (signum, status, _) in runs.items():
         wait_until(lambda name=name: "round 0/2" in procs.out(name), 90, f"{name} to start")
         results = tmp_path / name
-        assert sorted(p.name for p in results.iterdir()) == [
+        assert sorted(p.name for p in results.iterdir() if p.name != run_lock.OWNER_FILE) == [
             "global_model.npz", "metrics.csv", "metrics.json", "model_round_0.npz",
             "run_config.json"]  # model_round_1 and accuracy.png of the old run are gone
         assert [r["round"] for r in records(results)] == [0]
