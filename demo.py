@@ -316,8 +316,8 @@ def mark_children() -> str:
 
 def is_live(proc: psutil.Process) -> bool:
     """Running and not a zombie (a zombie runs nothing and writes nothing)."""
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
+    try:  # is_running also checks that the pid was not reused
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
