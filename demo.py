@@ -399,6 +399,10 @@ def stop_all(children: dict[str, subprocess.Popen], mark: str,
              grace_seconds: float = 3.0) -> list[psutil.Process]:
     """SIGTERM every process the demo caused, SIGKILL what is left after grace_seconds.
 
+    Our own code because Flower has none for it: `flwr stop` ends a run but not the
+    SuperLink, SuperNodes and SuperExecs, and here flwr-simulation took 5 s to notice and
+    then left two of Ray's agents running, re-parented away; nor does Ray (ray.shutdown
+    belongs to the process that started Ray, flwr-simulation).
     Repeated until none is left (a Ray losing its workers may start new ones), for at
     most ten more seconds; returns the processes that would not end (normally none).
     """
@@ -693,7 +697,10 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
             signal.signal(signum, signal.SIG_IGN)
         if args.engine != "grpc" and sys.exc_info()[0] is not None:  # the run may still go on
-            stop_flower_run(children, flwr_home, log_dir)
+            try:
+                stop_flower_run(children, flwr_home, log_dir)
+            except OSError:  # e.g. the log is gone: its processes are ended below all the same
+                pass
         left = stop_all(children, mark)
         shutil.rmtree(flwr_home, ignore_errors=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
