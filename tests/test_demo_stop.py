@@ -121,6 +121,9 @@ def test_a_signal_ends_every_process_of_an_app_run_and_the_results_stay_put(
                         f"ended; round {last_round(results)} is the last saved round in "
                         f"{results}/"), stderr
 
+        # The run was stopped the Flower way first (the demo logs `flwr stop`'s answer).
+        assert "successfully stopped" in (results / "logs" / "server.log").read_text()
+
         before = snapshot(results)  # nothing may write into the results any more
         time.sleep(5)
         assert snapshot(results) == before
