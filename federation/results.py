@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -177,7 +178,7 @@ class ResultsDir:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"the server optimizer's state of round {server_round} cannot "
                              f"be read ({type(e).__name__}: {e})") from e
 
@@ -191,5 +192,7 @@ class ResultsDir:
             records = json.loads((self.root / "metrics.json").read_text())
             last = records[-1]["round"]
             return config, records, self.load_arrays(self.model_path(last))
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # A truncated or damaged .npz is a BadZipFile (not an OSError) to np.load.
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
+                zipfile.BadZipFile) as e:
             raise ValueError(f"nothing to resume in {self.root}: {e}") from e
