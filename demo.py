@@ -504,6 +504,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--attackers runs client.py --attack, which only --engine grpc runs")
     if server_args and args.engine != "grpc":
         parser.error(f"flags after -- go to server.py, which --engine {args.engine} does not run")
+    if server_args:
+        # Checked now, as start_federation will pass them, rather than by a server that
+        # fails after the data was built and eleven processes were started.
+        import server  # noqa: PLC0415  (flwr and JAX take seconds: only when flags go to it)
+        epochs = ["--local-epochs", str(args.local_epochs)] if args.local_epochs else []
+        server.parse_args(["--rounds", str(args.rounds), "--min-clients", str(args.clients),
+                           "--seed", str(args.seed), *epochs, *server_args])
     return args, server_args
 
 

@@ -167,10 +167,14 @@ class ResultsDir:
 
     def load_arrays(self, path: pathlib.Path) -> Arrays:
         """Arrays of a saved model, in array_names order."""
-        with np.load(path, allow_pickle=False) as npz:
-            if sorted(npz.files) != sorted(self.array_names):
-                raise ValueError(f"{path} holds {sorted(npz.files)}, expected {self.array_names}")
-            return [npz[name] for name in self.array_names]
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if sorted(npz.files) != sorted(self.array_names):
+                    raise ValueError(f"{path} holds {sorted(npz.files)}, "
+                                     f"expected {self.array_names}")
+                return [npz[name] for name in self.array_names]
+        except (EOFError, zipfile.BadZipFile) as e:  # np.load's word for a cut-short file
+            raise ValueError(f"{path} is damaged or cut short ({e})") from e
 
     def load_server_state(self, server_round: int) -> dict[str, np.ndarray]:
         """The server optimizer's saved state after `server_round`; ValueError if none."""
@@ -192,7 +196,5 @@ class ResultsDir:
             records = json.loads((self.root / "metrics.json").read_text())
             last = records[-1]["round"]
             return config, records, self.load_arrays(self.model_path(last))
-        # A truncated or damaged .npz is a BadZipFile (not an OSError) to np.load.
-        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
-                zipfile.BadZipFile) as e:
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise ValueError(f"nothing to resume in {self.root}: {e}") from e
