@@ -9,4 +9,5 @@ server_setup    ServerSettings -> checked data, results dir and strategy (server
 shards          loading and checking partition_data.py's shards (NumPy only)
 compile_cache   JAX's persistent compilation cache and the warm-up lock (client, server, demo)
 memory          fewer malloc arenas per process (client, server)
+cli             checked command-line values: ranges, finite numbers, addresses (every script)
 """

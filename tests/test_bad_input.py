@@ -45,7 +45,8 @@ def error_line(capsys) -> str:
     (["--dp-noise-multiplier", "inf"], "--dp-noise-multiplier must be a finite number, got inf"),
     (["--dp-clipping-norm", "inf", "--dp-noise-multiplier", "1"],
      "--dp-clipping-norm must be a finite number, got inf"),
-    (["--dp-delta", "nan", "--dp-noise-multiplier", "1"], "--dp-delta must be a finite number, got nan"),
+    (["--dp-delta", "nan", "--dp-noise-multiplier", "1"],
+     "--dp-delta must be a finite number, got nan"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
     (["--aggregation", "trimmed-mean", "--trim-fraction", "nan"],
      "--trim-fraction must be a finite number, got nan"),
@@ -184,7 +185,8 @@ def test_a_nonlocal_address_is_not_reported_as_a_port_in_use():
 @pytest.mark.parametrize("config, message", [
     ({"round-timeout": float("inf")}, "round-timeout must be a finite number, got inf"),
     ({"seed": -1, "fraction-fit": 0.5}, "seed must be in [0, 4294967295], got -1"),
-    ({"dp-noise-multiplier": float("inf")}, "dp-noise-multiplier must be a finite number, got inf"),
+    ({"dp-noise-multiplier": float("inf")},
+     "dp-noise-multiplier must be a finite number, got inf"),
     ({"secagg": True, "clipping-range": float("inf")},
      "clipping-range must be a finite number, got inf"),
 ])
