@@ -33,7 +33,7 @@ from flwr.common import Scalar, log
 from flwr.common.logger import update_console_handler
 
 import model
-from federation import attacks, compile_cache, memory, shards
+from federation import attacks, cli, compile_cache, memory, shards
 
 ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
 
@@ -366,27 +366,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--partition", type=int, required=True,
                    help="index N of the shard to train on: DATA_DIR/partition_N.npz")
-    p.add_argument("--server-address", default="127.0.0.1:8080",
+    p.add_argument("--server-address", default="127.0.0.1:8080", type=cli.address,
                    help="host:port of server.py (default: %(default)s)")
-    p.add_argument("--data-dir", default="data",
+    p.add_argument("--data-dir", default="data", type=cli.nonempty,
                    help="directory written by partition_data.py (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.seed, default=0,
                    help="seed of this client's shuffling; round r uses "
                         "fold_in(fold_in(key(seed), r), partition) (default: %(default)s)")
-    p.add_argument("--max-wait", type=float, default=60.0,
+    p.add_argument("--max-wait", type=cli.seconds, default=60.0,
                    help="seconds to keep retrying while the server is not reachable, at "
                         "start or after it went away (default: %(default)s)")
-    p.add_argument("--root-certificate", metavar="FILE",
+    p.add_argument("--root-certificate", metavar="FILE", type=cli.nonempty,
                    help="CA certificate (PEM) to verify a TLS server, e.g. certificates/ca.crt "
                         "from make_certificates.py (default: plaintext)")
     p.add_argument("--attack", choices=attacks.ATTACKS,
                    help="turn this client into an attacker, to measure the server's robust "
                         "--aggregation rules: sign-flip sends global - BOOST x (local - "
                         "global); label-flip trains on labels 9 - y (default: honest)")
-    p.add_argument("--attack-boost", type=float, default=10.0, metavar="BOOST",
+    p.add_argument("--attack-boost", type=cli.number(float, 0, low_open=True), default=10.0,
+                   metavar="BOOST",
                    help="sign-flip: how far the reversed update is pushed "
                         "(default: %(default)s)")
-    p.add_argument("--jax-cache", metavar="DIR",
+    p.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty,
                    help="JAX's persistent compilation cache, shared by every process on this "
                         f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
                         f"{compile_cache.default_dir()})")

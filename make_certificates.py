@@ -28,6 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from federation import cli
+
+MAX_DAYS = 36500  # 100 years; far more overflows datetime (year 9999)
+
 
 def _name(common_name: str) -> x509.Name:
     """A subject/issuer name with just a common name."""
@@ -117,31 +121,42 @@ def write_certificates(out_dir: str | os.PathLike, hosts: list[str], days: int) 
     _write(out / "server.pem", cert.public_bytes(pem), private=False)
 
 
+def host(text: str) -> str:
+    """An argparse type: a host name or IP address (a certificate cannot name anything else)."""
+    problem = cli.host_problem(text)
+    if not problem and len(text) > 64:  # X.509 caps a common name at 64 characters
+        problem = "is longer than the 64 characters a certificate's name may have"
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="certificates",
+    p.add_argument("--out-dir", default="certificates", type=cli.nonempty,
                    help="directory to write the four files to (default: %(default)s)")
-    p.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
+    p.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP", type=host,
                    help="a host name or IP clients use to reach the server; repeat for "
                         "several (default: localhost and 127.0.0.1)")
-    p.add_argument("--days", type=int, default=365,
+    p.add_argument("--days", type=cli.number(int, 1, MAX_DAYS), default=365,
                    help="validity of both certificates in days (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="replace certificates already in --out-dir (clients holding the old "
                         "ca.crt can no longer connect)")
     args = p.parse_args(argv)
     args.host = args.host or ["localhost", "127.0.0.1"]
-    if args.days < 1:
-        p.error("--days must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Write the certificates and say where they went."""
     args = parse_args(argv)
-    existing = [name for name in ("ca.crt", "ca.key", "server.pem", "server.key")
-                if (pathlib.Path(args.out_dir) / name).exists()]
+    try:
+        existing = [name for name in ("ca.crt", "ca.key", "server.pem", "server.key")
+                    if (pathlib.Path(args.out_dir) / name).exists()]
+    except OSError as e:  # e.g. a name too long: exists() raises rather than say False
+        sys.exit(f"make_certificates.py: error: cannot write to {args.out_dir}: {e.strerror}")
     if existing and not args.force:
         sys.exit(f"make_certificates.py: error: {args.out_dir} already holds "
                  f"{', '.join(existing)}; a new CA would lock out clients that hold the old "
@@ -149,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         write_certificates(args.out_dir, args.host, args.days)
     except OSError as e:
-        sys.exit(f"make_certificates.py: error: {e}")
+        sys.exit(f"make_certificates.py: error: cannot write to {args.out_dir}: "
+                 f"{e.strerror or e}")
     print(f"wrote {args.out_dir}/ca.crt, ca.key, server.pem, server.key "
           f"for {', '.join(args.host)} (valid {args.days} days)")
 

@@ -149,10 +149,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_out_dir(out_dir: str) -> pathlib.Path:
     """Fail early (before any download) if `out_dir` cannot be created or written."""
+    if not out_dir.strip():
+        raise DataError("--out-dir is empty (it would mean the current directory); name one")
     path = pathlib.Path(out_dir).absolute()
     existing = path
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as e:  # e.g. a name too long: exists() raises rather than say False
+        raise DataError(f"cannot write to {out_dir}: {e.strerror}") from None
     if not existing.is_dir():
         raise DataError(f"cannot write to {out_dir}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

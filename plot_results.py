@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(labels) != len(args.results_dirs):
         sys.exit(f"plot_results.py: error: {len(labels)} labels for {len(args.results_dirs)} directories")
     out_path = args.out or default_out_path(args.results_dirs)
-    problem = out_problem(out_path)
+    try:
+        problem = out_problem(out_path)
+    except OSError as e:  # e.g. a name too long: is_dir() raises rather than say False
+        problem = f"--out {out_path}: {e.strerror}"
     if problem:
         sys.exit(f"plot_results.py: error: {problem}")
     try:

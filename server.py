@@ -33,9 +33,11 @@ The server optimizer and its settings must match too; its state is part of the c
 """
 
 import argparse
+import errno
 import logging
 import pathlib
 import signal
+import socket
 import sys
 from logging import INFO
 
@@ -44,10 +46,9 @@ from flwr.common.logger import update_console_handler
 from flwr.server import Server, ServerConfig, start_server
 from flwr.server.history import History
 from flwr.supercore.exit.exit_handler import trigger_exit_handlers
-from flwr.supercore.address import parse_address
 
 import model
-from federation import compile_cache, memory, shards
+from federation import cli, compile_cache, memory, shards
 from federation.aggregation import RULES
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
 from federation.server_setup import (
@@ -70,7 +71,41 @@ def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | Non
     if missing:
         raise SetupError(f"--certificates: {', '.join(missing)} not found "
                          "(create them with make_certificates.py)")
-    return tuple(p.read_bytes() for p in paths)  # type: ignore[return-value]
+    pems = tuple(p.read_bytes() for p in paths)
+    problem = certificates_problem(*pems)
+    if problem:
+        raise SetupError(f"--certificates {directory}: {problem} (create them with "
+                         "make_certificates.py)")
+    return pems  # type: ignore[return-value]
+
+
+def certificates_problem(ca: bytes, certificate: bytes, key: bytes) -> str | None:
+    """Why the three PEM files cannot serve TLS, or None.
+
+    gRPC reads them only once the server starts, and then fails with a traceback (or
+    a bare "SSL_CTX_use_PrivateKey" log line): `cryptography`, a dependency of Flower,
+    says which file is wrong first.
+    """
+    from cryptography import x509  # noqa: PLC0415  (TLS only)
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    try:
+        x509.load_pem_x509_certificates(ca)
+    except ValueError:
+        return f"{CERTIFICATE_FILES[0]} is not a PEM certificate"
+    try:
+        server_certificate = x509.load_pem_x509_certificate(certificate)
+    except ValueError:
+        return f"{CERTIFICATE_FILES[1]} is not a PEM certificate"
+    try:
+        private_key = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: it has a passphrase
+        return f"{CERTIFICATE_FILES[2]} is not an unencrypted PEM private key"
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (private_key.public_key().public_bytes(serialization.Encoding.PEM, public)
+            != server_certificate.public_key().public_bytes(serialization.Encoding.PEM, public)):
+        return f"{CERTIFICATE_FILES[2]} is not the private key of {CERTIFICATE_FILES[1]}"
+    return None
 
 
 class Interrupted(BaseException):
@@ -128,6 +163,28 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         transport={"address": args.address, "certificates": args.certificates})
 
 
+def listen_problem(address: str) -> str | None:
+    """Why nothing can listen on address, other than the port being in use, or None.
+
+    start_server says "port ... already in use" for every failure to listen, also for a
+    host that is not an address of this machine: a plain bind says which it is.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot listen on {address}: the host is unknown ({e.strerror})"
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return f"cannot listen on {address}: {e.strerror}"
+    return None
+
+
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) the federation until --rounds are done."""
     certificates = load_certificates(args.certificates)
@@ -153,7 +210,8 @@ def run(args: argparse.Namespace) -> None:
                                          round_timeout=args.round_timeout))
     except SystemExit as e:  # start_server exits with a bare message if the port is taken
         if isinstance(e.code, str):
-            raise SetupError(e.code.strip().rstrip(".").replace("Port", "port", 1)) from e
+            raise SetupError(listen_problem(args.address)
+                             or e.code.strip().rstrip(".").replace("Port", "port", 1)) from e
         raise
     except Interrupted as e:
         e.saved = last_saved(fedavg)
@@ -218,10 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-momentum", type=float, metavar="BETA",
                    help="fedavgm's momentum, fedadam's and fedyogi's beta1, in [0, 1) "
                         "(default: 0.9; fedavg takes none)")
-    p.add_argument("--data-dir", default="data",
+    p.add_argument("--data-dir", default="data", type=cli.nonempty,
                    help="directory written by partition_data.py; the server reads "
                         "manifest.json and test.npz (default: %(default)s)")
-    p.add_argument("--results-dir", default="results",
+    p.add_argument("--results-dir", default="results", type=cli.nonempty,
                    help="where metrics and models are written (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial global model (default: %(default)s)")
@@ -255,17 +313,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replace the run already in --results-dir (its metrics and models "
                         "are deleted once this server is listening); without it, a "
                         "directory that holds a run is refused")
-    p.add_argument("--certificates", metavar="DIR",
+    p.add_argument("--certificates", metavar="DIR", type=cli.nonempty,
                    help="enable TLS with DIR/ca.crt, DIR/server.pem, DIR/server.key from "
                         "make_certificates.py (default: plaintext)")
-    p.add_argument("--jax-cache", metavar="DIR",
+    p.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty,
                    help="JAX's persistent compilation cache, shared by every process on this "
                         f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
                         f"{compile_cache.default_dir()})")
     args = p.parse_args(argv)
-    address = parse_address(args.address)
-    if address is None or not 0 < address[1] < 65536:
-        p.error(f"--address {args.address!r} is not HOST:PORT with a port from 1 to 65535")
+    problem = cli.address_problem(args.address)
+    if problem:
+        p.error(f"--address {args.address!r} {problem}")
     problem = settings_from_args(args).problem()
     if problem:
         p.error(f"--{problem}")

@@ -11,4 +11,5 @@ sources         where partition_data.py's images come from: tfds, IDX, npz, mlxt
 partitioners    partition_data.py's Flower Datasets partitioners and label plot
 compile_cache   JAX's persistent compilation cache and the warm-up lock (client, server, demo)
 memory          fewer malloc arenas per process (client, server)
+cli             checked command-line values: ranges, finite numbers, addresses (every script)
 """

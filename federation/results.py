@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -166,10 +167,14 @@ class ResultsDir:
 
     def load_arrays(self, path: pathlib.Path) -> Arrays:
         """Arrays of a saved model, in array_names order."""
-        with np.load(path, allow_pickle=False) as npz:
-            if sorted(npz.files) != sorted(self.array_names):
-                raise ValueError(f"{path} holds {sorted(npz.files)}, expected {self.array_names}")
-            return [npz[name] for name in self.array_names]
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if sorted(npz.files) != sorted(self.array_names):
+                    raise ValueError(f"{path} holds {sorted(npz.files)}, "
+                                     f"expected {self.array_names}")
+                return [npz[name] for name in self.array_names]
+        except (EOFError, zipfile.BadZipFile) as e:  # np.load's word for a cut-short file
+            raise ValueError(f"{path} is damaged or cut short ({e})") from e
 
     def load_server_state(self, server_round: int) -> dict[str, np.ndarray]:
         """The server optimizer's saved state after `server_round`; ValueError if none."""
@@ -177,7 +182,7 @@ class ResultsDir:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"the server optimizer's state of round {server_round} cannot "
                              f"be read ({type(e).__name__}: {e})") from e
 

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import privacy, run_lock, server_optimizers, shards
+from federation import cli, privacy, run_lock, server_optimizers, shards
 from federation.aggregation import RULES, Arrays, krum_minimum_clients
 from federation.results import ResultsDir, resume_mismatch
 from federation.strategy import CheckedFedAvg
@@ -92,8 +92,29 @@ class ServerSettings:
             return problem
         if self.resume and self.overwrite:
             return "resume and --overwrite contradict each other: choose one"
+        problem = self.number_problem()
+        if problem:
+            return problem
         return (self.rule_problem() or (self.dp.problem() if self.dp else None)
                 or (self.secagg_problem() if self.secagg else None))
+
+    def number_problem(self) -> str | None:
+        """The first setting that is not a finite number, or out of its range, or None.
+
+        Checked after the rules above (which already name some ranges) and before the
+        ones below: inf and nan pass comparisons like `> 0` and would fail mid-run (an
+        infinite timeout overflows a wait, an infinite DP noise trains a NaN model).
+        """
+        ranges = {"seed": (0, cli.MAX_SEED), "round_timeout": (0, cli.MAX_SECONDS)}
+        for name, (low, high) in ranges.items():
+            problem = cli.number_problem(getattr(self, name), low, high)
+            if problem:
+                return f"{name.replace('_', '-')} {problem}"
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{field.name.replace('_', '-')} must be a finite number, got {value}"
+        return None
 
     @property
     def dp(self) -> privacy.DPConfig | None:

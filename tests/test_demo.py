@@ -163,11 +163,14 @@ def test_port_in_use_is_one_clear_line(tmp_path):
 
 def test_failing_server_stops_the_demo_and_shows_its_log(finished_run, tmp_path):
     data, port = finished_run[0] / "data", free_port()
-    proc = run_demo(demo_cmd(tmp_path, "--port", str(port), "--", "--no-such-flag", data=data),
-                    timeout=120)
+    # Flags demo.py can check are refused before anything starts (test_bad_input.py); a
+    # missing certificate directory shows only when the server runs.
+    missing = tmp_path / "no_such_certificates"
+    proc = run_demo(demo_cmd(tmp_path, "--port", str(port), "--", "--certificates", str(missing),
+                             data=data), timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "demo.py: error: server failed, stopped the demo"
-    assert "--no-such-flag" in proc.stderr  # the tail of server.log, where argparse complained
+    assert f"{missing}/ca.crt" in proc.stderr  # the tail of server.log, where server.py said so
     # The server's and the clients' command lines all hold the address.
     assert processes_mentioning(f"127.0.0.1:{port}") == []
 
