@@ -76,7 +76,8 @@ class Group:
                 pass
 
     def kill(self, name: str) -> None:
-        """SIGKILL one process's whole session (and its detached children)."""
+        """SIGKILL one process's whole session; its detached children are remembered,
+        for kill_all (Flower's own end when their parent does, but not at once)."""
         self.note_descendants()
         proc = self.procs[name]
         try:
@@ -86,6 +87,7 @@ class Group:
         proc.wait()
 
     def kill_all(self) -> None:
+        """SIGKILL every session and every descendant ever seen; wait until all are gone."""
         self.note_descendants()
         for name in self.procs:
             self.kill(name)
