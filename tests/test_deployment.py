@@ -75,16 +75,21 @@ class Group:
             except psutil.NoSuchProcess:
                 pass
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one process's whole session; its detached children are remembered,
-        for kill_all (Flower's own end when their parent does, but not at once)."""
+    def kill(self, name: str) -> list[psutil.Process]:
+        """SIGKILL one process's whole session -> its descendants as they were (Flower's
+        detached ones, e.g. flower-superexec, outlive the session for a while)."""
         self.note_descendants()
         proc = self.procs[name]
+        try:
+            orphans = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            orphans = []
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+        return orphans
 
     def kill_all(self) -> None:
         """SIGKILL every session and every descendant ever seen; wait until all are gone."""
@@ -155,8 +160,9 @@ def deployment(tmp_path: pathlib.Path, host: str, port: int) -> tuple[pathlib.Pa
 
 
 def register_supernodes(tmp_path: pathlib.Path, env: dict, group: Group,
-                        prefix: list[str] = ()) -> None:
-    """`flwr supernode register` both public keys, retried until the SuperLink is up."""
+                        prefix: tuple[str, ...] = ()) -> None:
+    """`flwr supernode register` both public keys (run after prefix, e.g. `ip netns exec
+    NS`), retried until the SuperLink is up."""
     for i in (0, 1):
         register = [*prefix, FLWR, "supernode", "register", str(tmp_path / f"supernode_{i}.pub")]
         wait_for(lambda: subprocess.run(register, cwd=REPO, env=env, capture_output=True,
@@ -186,11 +192,16 @@ def test_superlink_restart_under_a_run(data_dir, tmp_path):
                 data_dir))
         run_id = start_run(env, settings)
         wait_for(lambda: 1 in rounds_saved(results), 120, "round 1 saved", group)
-        group.kill("superlink")
+        round_1 = records(results)[1]
+        orphans = group.kill("superlink")
         group.start("superlink", link)
         wait_for(lambda: run_status(env, run_id)[0].startswith("finished"), 120,
                  "the interrupted run ended", group)
         assert run_status(env, run_id)[0] == "finished:failed"
+        # The killed SuperLink's flower-superexec and flwr-serverapp end by themselves
+        # (each watches its parent): nothing of the old run writes into results.
+        _, alive = psutil.wait_procs(orphans, timeout=60)
+        assert alive == [], [p.cmdline()[:2] for p in alive]
         resumed = start_run(env, f"{settings} resume=true")
         wait_for(lambda: run_status(env, resumed)[0].startswith("finished"), 180,
                  "the resumed run ended", group)
@@ -200,8 +211,10 @@ def test_superlink_restart_under_a_run(data_dir, tmp_path):
             assert "Traceback" not in group.log(f"supernode_{i}"), group.log(f"supernode_{i}")
     finally:
         group.kill_all()
-    assert [(r["round"], r["clients_fit"], r["failures"]) for r in records(results)] == [
+    recs = records(results)
+    assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [
         (0, 0, 0), (1, 2, 0), (2, 2, 0)]
+    assert recs[1] == round_1  # resumed from round 1, not started over
 
 
 # ------------------------------------------------------------ across two network hosts
@@ -210,6 +223,7 @@ SUPERLINK_IP, SUPERNODE_IP = "10.200.0.1", "10.200.0.2"  # only inside the names
 
 
 def ip(*args: str) -> subprocess.CompletedProcess:
+    """Run iproute2's `ip args`, output captured."""
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
 
 
@@ -266,7 +280,7 @@ def test_deployment_engine_across_two_network_hosts(data_dir, tmp_path, two_host
     try:
         group.start("superlink", [*on_link, *superlink_cmd(certs, tmp_path / "state.db", port,
                                                            host=SUPERLINK_IP)])
-        register_supernodes(tmp_path, env, group, prefix=on_nodes)  # across the veth pair
+        register_supernodes(tmp_path, env, group, prefix=tuple(on_nodes))  # across the veth
         for i in (0, 1):
             group.start(f"supernode_{i}", [*on_nodes, *supernode_cmd(
                 certs, tmp_path / f"supernode_{i}", f"{SUPERLINK_IP}:{port}", 9094 + i, i,

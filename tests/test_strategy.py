@@ -11,8 +11,7 @@ import time
 import numpy as np
 import pytest
 from flwr.common import (Code, EvaluateRes, FitIns, FitRes, GetPropertiesRes, Status,
-                         ndarray_to_bytes,
-                         ndarrays_to_parameters, parameters_to_ndarrays)
+                         ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 
 from federation import aggregation, client_manager, results, strategy, validation
