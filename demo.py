@@ -258,8 +258,12 @@ def start_app_federation(args: argparse.Namespace, log_dir: pathlib.Path, flwr_h
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "demo"\n\n[superlink.demo]\n'
         f'address = "127.0.0.1:{args.port}"\ninsecure = true\n')
+    # As documented: the SuperLink keeps its state (SuperNodes, runs) in a database, so that
+    # one restarted on it knows its SuperNodes, which reconnect by themselves. The demo's
+    # database lives and goes with its private FLWR_HOME.
     superlink = [str(bin_dir / "flower-superlink"), "--insecure", "--port", str(args.port),
-                 "--disable-runtime-dependency-installation"]  # state in memory: gone after
+                 "--database", str(flwr_home / "superlink.db"),
+                 "--disable-runtime-dependency-installation"]
     if args.engine == "simulation":
         superlink.append("--simulation")
     children["superlink"] = start_process(superlink, log_dir / "superlink.log", env=env)

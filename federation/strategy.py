@@ -88,6 +88,26 @@ def _failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExce
     return f"status {failure[1].status.code.name}: {failure[1].status.message}"
 
 
+def _app_failure_cause(error: BaseException, round_timeout: float | None) -> str | None:
+    """What a failure on the App path (Flower's GridClientProxy) means, in one phrase, or
+    None for a failure of another kind. The proxy raises ValueError for every reply it
+    cannot use: no reply when its wait ended, or the SuperLink's error reply (its text
+    names the cause: the message's TTL, which is the round timeout, ran out, or the
+    SuperNode missed its heartbeats)."""
+    text = str(error)
+    if not isinstance(error, ValueError) or not text.startswith(
+            ("Message contains an Error", "Expected one Message")):
+        return None
+    timeout = "the round timeout" if round_timeout is None else (
+        f"the {round_timeout:g} s round timeout")
+    if "Node Unavailable" in text:
+        return ("its SuperNode stopped sending heartbeats (it stopped, crashed or lost "
+                "the network)")
+    if "Message Unavailable" in text or "got: 0" in text:  # TTL ran out, or no reply
+        return f"sent no reply within {timeout}"
+    return f"the node replied with an error: {text}"
+
+
 def _reply_bytes(res: FitRes) -> int:
     """The size of a fit reply as protobuf, i.e. on the wire (plain FedAvg)."""
     return ClientMessage(fit_res=serde.fit_res_to_proto(res)).ByteSize()
@@ -186,6 +206,9 @@ class CheckedFedAvg(FedAvg):
         self._round: dict = {}
         self._sampled: list[ClientProxy] = []
         self._client_manager: ClientManager | None = None
+        # Client id -> the partition its replies named: on the App path the client manager
+        # never asks (with fraction-fit 1), so this is how a lost node's partition is known.
+        self._replied_partition: dict[str, int] = {}
         self._round_clock = 0.0
         self.seed = seed
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
@@ -384,17 +407,34 @@ class CheckedFedAvg(FedAvg):
     def _log_failures(self, true_round: int, what: str, results: list,
                       failures: list) -> None:
         """One warning per failed client, naming its partition and timeout vs. crash."""
+        for proxy, res in results:
+            partition = res.metrics.get("partition")
+            if proxy is not None and isinstance(partition, int) and not isinstance(
+                    partition, bool):
+                self._replied_partition[proxy.cid] = partition
         answered = {id(f[0]) for f in results + failures if isinstance(f, tuple)}
         lost = [c for c in self._sampled if id(c) not in answered]
         errors = [f for f in failures if isinstance(f, BaseException)]
+        # The App path's errors say why, but not whose: one cause for all lost nodes is
+        # only known when their errors agree.
+        app_causes = {_app_failure_cause(e, self.round_timeout) for e in errors}
+        app_cause = app_causes.pop() if len(app_causes) == 1 else None
         for failure in failures:
             if isinstance(failure, tuple) or len(lost) != len(errors):
                 log(WARNING, "round %d: a client %s: %s", true_round, what,
                     _failure_reason(failure))
         if len(lost) == len(errors):
             for proxy in lost:
-                log(WARNING, "round %d: partition %s %s: %s", true_round,
-                    _partition_of(self._client_manager, proxy), what, self._lost_reason(proxy))
+                partition = _partition_of(self._client_manager, proxy)
+                if partition is None:
+                    partition = self._replied_partition.get(proxy.cid)
+                if app_cause is None:
+                    log(WARNING, "round %d: partition %s %s: %s", true_round, partition,
+                        what, self._lost_reason(proxy))
+                else:
+                    log(WARNING, "round %d: partition %s (node %s) %s: %s", true_round,
+                        "unknown" if partition is None else partition, proxy.cid, what,
+                        app_cause)
 
     def _lost_reason(self, proxy: ClientProxy) -> str:
         """Why a client sent nothing: it timed out, or its connection closed earlier."""
