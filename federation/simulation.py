@@ -100,7 +100,8 @@ def run(settings: ServerSettings, partitions: Sequence[Partition],
       initial_arrays: the round-0 global model (default: model.init_params(key(seed))).
       on_round: called after round 0 and after every round, e.g. to print progress.
     Returns:
-      The records, as metrics.json holds them, and the final global model.
+      The records of rounds 0..settings.rounds, metrics.json's (results.saved_record gives
+      their saved form: every column, NaN/Inf as null), and the final global model.
     Raises:
       ValueError (one line) for settings that cannot run.
     """

@@ -186,13 +186,29 @@ def test_federated_run_equals_the_simulation_bit_for_bit(normal_run, data_dir,
     matches_simulation(results, server_args(8080, data_dir, results, 3), CLIENTS)
 
 
+def test_the_simulation_refuses_what_it_cannot_run_in_one_line(data_dir):
+    from federation import shards, simulation  # noqa: PLC0415
+    from federation.server_setup import ServerSettings  # noqa: PLC0415
+    partitions, test_set = shards.load_all(data_dir)
+    for settings, attackers, message in [
+            (ServerSettings(min_clients=6), {}, "min-clients 6, but only 5 partitions"),
+            (ServerSettings(min_clients=5, secagg=True), {}, "secagg: SecAgg\\+ runs only in"),
+            (ServerSettings(min_clients=5), {5: "sign-flip"}, "attacker 5: 'sign-flip' on "),
+            (ServerSettings(min_clients=5), {0: "noise"}, "attacker 0: 'noise' on partitions"),
+            (ServerSettings(min_clients=5, aggregation="krum"), {}, "krum-malicious 2 needs")]:
+        with pytest.raises(ValueError, match=message):
+            simulation.run(settings, partitions, test_set, attackers=attackers)
+
+
 @pytest.mark.slow
-def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, data_dir):
+def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, data_dir,
+                                                               matches_simulation):
     """--fraction-fit 0.5 with 2 clients over gRPC: every round one client trains and one
-    evaluates, the trainer being the one the documented seeded rule picks."""
+    evaluates, the trainer being the one the documented seeded rule picks; the simulation
+    picks the same ones and gives the same bits."""
     port, results = free_port(), tmp_path / "results"
-    procs.start("server", "server.py",
-                *server_args(port, data_dir, results, 2, 2, "--fraction-fit", "0.5"))
+    flags = server_args(port, data_dir, results, 2, 2, "--fraction-fit", "0.5")
+    procs.start("server", "server.py", *flags)
     for i in (0, 1):
         procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
     assert procs.wait("server", 150) == 0, procs.log("server")
@@ -208,6 +224,7 @@ def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, 
         picked = int(np.random.default_rng([0, r["round"], 0]).choice(2, 1)[0])
         assert f"round {r['round']}: training" in procs.err(f"client_{picked}")
         assert f"round {r['round']}: training" not in procs.err(f"client_{1 - picked}")
+    matches_simulation(results, flags, 2)
 
 
 # ------------------------------------------------------------------- failures
