@@ -21,10 +21,13 @@ NUM_PARTITIONS = 5  # in the test data of data_dir
 @pytest.fixture(scope="session", autouse=True)
 def jax_cache_dir(tmp_path_factory):
     """One JAX compilation cache (federation/compile_cache.py) for every process of the
-    session, in a directory of its own: tests never write to the user's cache."""
+    session, this one included, in a directory of its own: tests never write to the user's
+    cache, and what a test computes in this process (simulation.py) loads the programs its
+    server and clients compiled."""
     from test_federation import ENV  # noqa: PLC0415  (the environment of test processes)
     path = tmp_path_factory.mktemp("jax_cache")
     os.environ[compile_cache.ENV_VAR] = ENV[compile_cache.ENV_VAR] = str(path)
+    compile_cache.enable()
     return path
 
 
@@ -63,9 +66,6 @@ def matches_simulation():
     import model  # noqa: PLC0415  (JAX: only for the tests that use this fixture)
     import server  # noqa: PLC0415
     from federation import results as results_dir, shards, simulation  # noqa: PLC0415
-
-    # The session's cache (jax_cache_dir): load the programs the clients compiled.
-    compile_cache.enable()
 
     def check(results: pathlib.Path, flags: list, clients: int, **options) -> None:
         settings = server.settings_from_args(server.parse_args([str(f) for f in flags]))
