@@ -432,7 +432,7 @@ class CheckedFedAvg(FedAvg):
             valid[res.metrics["partition"]] = res
         ordered = [valid[p] for p in sorted(valid)]
         metrics = rounds.evaluation_metrics([(r.loss, r.num_examples, r.metrics)
-                                                   for r in ordered])
+                                             for r in ordered])
         self._finish_round(dict(self._round, **metrics,
                                 evaluate_failures=len(failures) + len(results) - len(ordered)))
         loss, accuracy = metrics["federated_loss"], metrics["federated_accuracy"]
