@@ -33,20 +33,10 @@ from flwr.common import Scalar, log
 from flwr.common.logger import update_console_handler
 
 import model
-from federation import attacks, cli, compile_cache, memory, shards
-
-ROUND_CONFIG_KEYS = ("server_round", "local_epochs", "batch_size", "learning_rate")
-
-
-@jax.jit  # one small program instead of three (integer arithmetic: the same bits)
-def round_key(seed: int, server_round: int, partition: int) -> jax.Array:
-    """The PRNG key of one client in one round: fresh per (round, partition), never reused."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), server_round), partition)
-
-
-def eval_batch_size(num_examples: int) -> int:
-    """The whole split in one batch, up to model.EVAL_BATCH_SIZE: no padded rows wasted."""
-    return max(1, min(model.EVAL_BATCH_SIZE, num_examples))
+from federation import attacks, cli, compile_cache, local_training, memory, shards
+# The key rule and the evaluation batch live with the client's computation, which
+# simulation.py shares; imported here under the names client.py has always had.
+from federation.local_training import eval_batch_size, round_key
 
 
 class MnistClient(NumPyClient):
@@ -108,52 +98,34 @@ class MnistClient(NumPyClient):
     def train_round(self, parameters: list[np.ndarray],
                     config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         """One round of local training with the settings the server sent."""
-        missing = [k for k in ROUND_CONFIG_KEYS if k not in config]
-        if missing:
-            raise ValueError(f"fit config lacks {missing}")
+        local_training.check_fit_config(config)
         server_round, epochs = int(config["server_round"]), int(config["local_epochs"])
         log(INFO, "round %d: training %d epoch(s) on %d examples", server_round, epochs,
             len(self.data.x_train))
-        labels = self.data.y_train
         if self.attack is not None:
             log(WARNING, "round %d: ATTACKING the federation with %s%s", server_round,
                 self.attack, f" (boost {self.attack_boost:g})" if self.attack == "sign-flip"
                 else "")
-        if self.attack == "label-flip":
-            labels = attacks.flip_labels(labels)
         start = time.perf_counter()
-        params, metrics = model.train(
-            model.ndarrays_to_params(parameters), self.data.x_train, labels,
-            epochs=epochs, batch_size=int(config["batch_size"]),
-            learning_rate=float(config["learning_rate"]),
-            key=round_key(self.seed, server_round, self.partition),
-            proximal_mu=float(config.get("proximal_mu", 0.0)),  # FedProx; none sent: 0
-            optimizer=str(config.get("client_optimizer", model.OPTIMIZER)))
+        arrays, num_examples, metrics = local_training.fit(
+            self.data, parameters, config, seed=self.seed, partition=self.partition,
+            attack=self.attack, attack_boost=self.attack_boost)
         log(INFO, "round %d: train loss %.4f, accuracy %.2f%% (%.1f s)", server_round,
-            metrics["loss"], 100 * metrics["accuracy"], time.perf_counter() - start)
-        arrays = model.params_to_ndarrays(params)
-        if self.attack == "sign-flip":
-            arrays = attacks.sign_flip(parameters, arrays, self.attack_boost)
-        # FedAvg weighs by the local dataset size n_k (not by steps or epochs).
-        return arrays, len(self.data.x_train), {
-            "partition": self.partition, "train_loss": float(metrics["loss"]),
-            "train_accuracy": float(metrics["accuracy"]),
-            "examples_seen": int(metrics["num_examples"])}
+            metrics["train_loss"], 100 * metrics["train_accuracy"], time.perf_counter() - start)
+        return arrays, num_examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray],
                  config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Loss and accuracy of the global model on this partition's validation split."""
         try:
-            loss, accuracy = model.evaluate(model.ndarrays_to_params(parameters),
-                                            self.data.x_val, self.data.y_val,
-                                            self.eval_batch_size)
+            loss, num_examples, metrics = local_training.evaluate(self.data, parameters,
+                                                                  self.partition)
         except Exception as e:  # pylint: disable=broad-except  # report, stay up
             log(ERROR, "evaluation failed; reporting it to the server", exc_info=e)
             return 0.0, 0, {"partition": self.partition, "error": f"{type(e).__name__}: {e}"}
         log(INFO, "round %s: validation loss %.4f, accuracy %.2f%%",
-            config.get("server_round", "?"), loss, 100 * accuracy)
-        return float(loss), len(self.data.x_val), {"partition": self.partition,
-                                                    "accuracy": float(accuracy)}
+            config.get("server_round", "?"), loss, 100 * metrics["accuracy"])
+        return loss, num_examples, metrics
 
 
 # -------------------------------------------------------------------------- data

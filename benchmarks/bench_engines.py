@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,15 +31,10 @@ import time
 
 import psutil
 
+from _common import free_port  # benchmarks/ is on sys.path (the script's directory)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLWR = str(pathlib.Path(sys.executable).parent / "flwr")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_rss_mib(ports: tuple[int, int]) -> float:

@@ -1,8 +1,8 @@
 """What federation costs over plain FedAvg in one process: time, bytes and memory.
 
-Runs the real thing, server.py + N client.py processes on 127.0.0.1, then the same local
-training and averaging (same data, same PRNG keys, same evaluations) as a loop in this
-process, and prints:
+Runs the real thing, server.py + N client.py processes on 127.0.0.1, then the same run
+(same settings, data, PRNG keys and evaluations) in this process with
+federation/simulation.py, and prints:
 
 - wall time of the rounds, federated vs. single process, and their ratio (target <= 1.10);
   both compile before round 1 (client.py does so before joining), and the time before
@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,33 +32,17 @@ import time
 
 import numpy as np
 
+from _common import free_port, peak_rss_mib  # benchmarks/ is on sys.path (this directory)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import client  # noqa: E402  (repo root is on sys.path only after the line above)
 import model  # noqa: E402
-from federation import shards  # noqa: E402
-from federation import aggregation  # noqa: E402
+from federation import shards, simulation  # noqa: E402
 from federation.results import ResultsDir  # noqa: E402
+from federation.server_setup import ServerSettings  # noqa: E402
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM (peak resident set size) of a running process, in MiB."""
-    try:
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_federated(data_dir: pathlib.Path, results: pathlib.Path, args: argparse.Namespace) -> dict:
@@ -86,7 +69,7 @@ def run_federated(data_dir: pathlib.Path, results: pathlib.Path, args: argparse.
             stack.callback(lambda p=procs[name]: p.poll() is None and p.kill())
         while any(p.poll() is None for p in procs.values()):
             for name in peaks:  # VmHWM only grows: the last reading is the peak
-                peaks[name] = max(peaks[name], peak_rss_mib(procs[name].pid) or 0.0)
+                peaks[name] = max(peaks[name], peak_rss_mib(procs[name].pid))
             time.sleep(0.1)
             if time.perf_counter() - start > args.timeout:
                 raise RuntimeError(f"federated run exceeded {args.timeout} s; see {logs}")
@@ -99,36 +82,26 @@ def run_federated(data_dir: pathlib.Path, results: pathlib.Path, args: argparse.
 
 def run_single_process(data_dir: pathlib.Path,
                        args: argparse.Namespace) -> tuple[float, list[float], list[np.ndarray]]:
-    """The same rounds as a plain loop: train every client, FedAvg, evaluate like the server.
+    """The same run in this process (simulation.py, with server.py's settings above).
 
-    Returns (seconds to load data and compile, seconds per round, final model). Like each
-    client.py, it compiles before round 1, so rounds compare like with like.
+    Returns (seconds to load data, compile and evaluate round 0; seconds per round; final
+    model). Like each client.py, it compiles before round 1, so rounds compare like with
+    like.
     """
-    import jax  # noqa: PLC0415
     start = time.perf_counter()
-    parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(args.clients)]
-    x_test, y_test = shards.load_test_set(shards.test_set_path(data_dir))
+    parts, test_set = shards.load_all(data_dir)
+    parts = parts[:args.clients]
     client.MnistClient(parts[0], 0, 0).warm_up(args.batch_size)
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
-    model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)  # like the server's round 0
-    setup = time.perf_counter() - start
-    seconds = []
-    for server_round in range(1, args.rounds + 1):
-        start = time.perf_counter()
-        updates = []
-        for i, part in enumerate(parts):
-            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
-                                    epochs=args.local_epochs, batch_size=args.batch_size,
-                                    learning_rate=model.LEARNING_RATE,
-                                    key=client.round_key(0, server_round, i))
-            updates.append((model.params_to_ndarrays(params), len(part.x_train)))
-        arrays = aggregation.fedavg(updates)
-        params = model.ndarrays_to_params(arrays)
-        model.evaluate(params, x_test, y_test)  # centralized
-        for part in parts:  # federated, with client.py's batch size
-            model.evaluate(params, part.x_val, part.y_val, client.eval_batch_size(len(part.x_val)))
-        seconds.append(time.perf_counter() - start)
-    return setup, seconds, arrays
+    settings = ServerSettings(rounds=args.rounds, min_clients=args.clients,
+                              local_epochs=args.local_epochs, batch_size=args.batch_size)
+    setup = []
+
+    def after(done: simulation.Round) -> None:
+        if not done.record["round"]:  # round 0: the server's first evaluation
+            setup.append(time.perf_counter() - start)
+
+    result = simulation.run(settings, parts, test_set, on_round=after)
+    return setup[0], [r["round_seconds"] for r in result.records[1:]], result.arrays
 
 
 def make_data(out: pathlib.Path, clients: int) -> pathlib.Path:

@@ -1,13 +1,12 @@
 """Non-IID data: FedAvg, FedProx, FedAvgM and FedAdam compared on Fashion-MNIST (issue 12).
 
-The federated run equals a single-process loop bit for bit (tests/test_federation.py and,
-with FedProx and FedAdam, tests/test_noniid.py), so this benchmark runs that loop in one
-process with the project's own code, like sweep_recipe.py: model.train for every client
-with the key client.round_key(seed, round, partition) and the round's proximal_mu,
-federation.aggregation.fedavg over the partitions in order, the server optimizer's step
-(federation/server_optimizers.py), and model.evaluate of the new global model on the
-10,000 test images after every round. What it measures is what server.py + client.py
-would produce with the same flags, minus the processes and gRPC.
+The federated run equals federation/simulation.py's run in one process bit for bit
+(tests/test_federation.py and, with FedProx and FedAdam, tests/test_noniid.py), so this
+benchmark runs that, like sweep_recipe.py: every client trains with server.py's settings
+for the method (--proximal-mu, --server-optimizer and its rate and momentum,
+--client-optimizer, --learning-rate), and the new global model is evaluated on the 10,000
+test images after every round. What it measures is what server.py + client.py would
+produce with the same flags, minus the processes and gRPC.
 
 The data: Debian's Fashion-MNIST IDX files, split for 10 clients by partition_data.py in
 four ways (IID, Dirichlet alpha 0.5, Dirichlet alpha 0.1, exactly 2 labels per client),
@@ -39,6 +38,7 @@ The reduced scale above took ~37 minutes of CPU. Timings are wall clock on a sha
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -52,9 +52,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import client  # noqa: E402  (the repo root is on sys.path only after the line above)
-import model  # noqa: E402
-from federation import aggregation, server_optimizers, shards  # noqa: E402
+import model  # noqa: E402  (the repo root is on sys.path only after the line above)
+from federation import server_optimizers, shards, simulation  # noqa: E402
+from federation.server_setup import ServerSettings  # noqa: E402
 
 # Split name -> partition_data.py flags (10 clients, the federation's 10% validation).
 SPLITS = {
@@ -110,44 +110,43 @@ def make_split(name: str, idx_dir: pathlib.Path, out: pathlib.Path, seed: int) -
     return out
 
 
-def load(data_dir: pathlib.Path, fraction: float, seed: int):
-    """Every client's (images, labels), a seeded `fraction` of each, and the test set."""
-    manifest = shards.load_manifest(data_dir)
-    clients = []
-    for p in sorted(manifest["partitions"], key=lambda p: p["index"]):
-        part = shards.load_partition(shards.partition_path(data_dir, p["index"]))
+def with_fraction(partitions: list[shards.Partition], fraction: float,
+                  seed: int) -> list[shards.Partition]:
+    """The partitions with a seeded `fraction` of each one's training images."""
+    kept = []
+    for index, part in enumerate(partitions):
         n = len(part.x_train)
-        keep = np.sort(np.random.default_rng([seed, p["index"]]).choice(
+        keep = np.sort(np.random.default_rng([seed, index]).choice(
             n, max(1, round(fraction * n)), replace=False))
-        clients.append((part.x_train[keep], part.y_train[keep]))
-    return clients, *shards.load_test_set(shards.test_set_path(data_dir))
+        kept.append(dataclasses.replace(part, x_train=part.x_train[keep],
+                                        y_train=part.y_train[keep]))
+    return kept
 
 
-def run(clients, x_test, y_test, *, mu: float, optimizer: dict, rounds: int, epochs: int,
-        seed: int, client_optimizer: str = model.OPTIMIZER,
-        learning_rate: float = model.LEARNING_RATE, label: str = "") -> list[float]:
-    """Test accuracy after each round of the federation's computation, in one process.
+def run(partitions: list[shards.Partition], test_set: tuple[np.ndarray, np.ndarray], *,
+        mu: float, optimizer: dict, rounds: int, epochs: int, seed: int,
+        client_optimizer: str = model.OPTIMIZER, learning_rate: float = model.LEARNING_RATE,
+        label: str = "") -> list[float]:
+    """Test accuracy after each round of the federation (simulation.py), in one process.
 
     A progress line per round goes to stderr (a full-scale run is about half an hour).
     """
-    names = [name for name, _ in model.param_spec()]
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(seed)))
-    server = server_optimizers.ServerOptimizer(optimizer, arrays, names)
-    history = []
-    for server_round in range(1, rounds + 1):
-        updates = []
-        for k, (x, y) in enumerate(clients):
-            params, _ = model.train(model.ndarrays_to_params(arrays), x, y, epochs=epochs,
-                                    batch_size=model.BATCH_SIZE,
-                                    learning_rate=learning_rate,
-                                    key=client.round_key(seed, server_round, k),
-                                    proximal_mu=mu, optimizer=client_optimizer)
-            updates.append((model.params_to_ndarrays(params), len(x)))
-        arrays = server.step(arrays, aggregation.fedavg(updates))
-        history.append(model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1])
-        print(f"  {label} round {server_round}/{rounds}: {100 * history[-1]:.2f}%",
-              file=sys.stderr, flush=True)
-    return history
+    settings = ServerSettings(
+        rounds=rounds, min_clients=len(partitions), local_epochs=epochs,
+        client_optimizer=client_optimizer, learning_rate=learning_rate, seed=seed,
+        proximal_mu=mu, server_optimizer=optimizer["name"],
+        server_learning_rate=optimizer.get("learning_rate"),
+        server_momentum=optimizer.get("momentum"))
+
+    def progress(done: simulation.Round) -> None:
+        if done.record["round"]:
+            print(f"  {label} round {done.record['round']}/{rounds}: "
+                  f"{100 * done.record['centralized_accuracy']:.2f}%", file=sys.stderr,
+                  flush=True)
+
+    result = simulation.run(settings, partitions, test_set, federated_evaluation=False,
+                            on_round=progress)
+    return [r["centralized_accuracy"] for r in result.records[1:]]
 
 
 def recipe(result: dict) -> str:
@@ -337,16 +336,17 @@ def compare(args: argparse.Namespace, methods: dict[str, tuple[str, float, dict]
     results = []
     for split in args.splits:
         data_dir = make_split(split, args.idx_dir, args.data_root / split, args.seed)
-        clients, x_test, y_test = load(data_dir, args.train_fraction, args.seed)
+        partitions, test_set = shards.load_all(data_dir)
+        clients = with_fraction(partitions, args.train_fraction, args.seed)
         for spec, (_, mu, optimizer) in methods.items():
             start = time.perf_counter()
-            history = run(clients, x_test, y_test, mu=mu, optimizer=optimizer,
+            history = run(clients, test_set, mu=mu, optimizer=optimizer,
                           rounds=args.rounds, epochs=args.local_epochs, seed=args.seed,
                           client_optimizer=args.client_optimizer,
                           learning_rate=args.learning_rate, label=f"{split} {spec}")
             result = {"split": split, "method": spec, "history": history,
                       "seconds": time.perf_counter() - start, "scale": scale,
-                      "train_images": sum(len(x) for x, _ in clients),
+                      "train_images": sum(len(c.x_train) for c in clients),
                       "local_epochs": args.local_epochs,
                       "client_optimizer": args.client_optimizer,
                       "learning_rate": args.learning_rate}

@@ -1,14 +1,13 @@
 """What protection costs and what it buys: poisoning attacks against the aggregation rules,
 and DP-FedAvg's accuracy for a privacy budget. Prints the tables of README Part 5.
 
-It runs the federation in one process with the project's own code, as the server and
-clients compute it: the clients are client.MnistClient (so attackers run client.py's
---attack code), the clients of a round are picked by client_manager.choose (as
-TimeoutClientManager does), and the new global model comes from
-federation.aggregation.aggregate or federation.privacy.dp_fedavg with the noise stream
-of federation.strategy. tests/test_protection.py checks that a DP run over gRPC gives
-these bits; tests/test_federation.py does the same for FedAvg. What it leaves out is
-the processes and the network, so it runs 1,000 clients on a laptop.
+It runs the federation in one process, federation/simulation.py, which computes what the
+server and the clients compute: attackers run client.py's --attack code, the clients of a
+round are picked as TimeoutClientManager picks them, and the new global model comes from
+the strategy's own aggregation (a rule, or DP-FedAvg with its seeded noise).
+tests/test_protection.py checks that a DP run and a median run with a sign-flip attacker
+over gRPC give these bits; tests/test_federation.py does the same for FedAvg. What it
+leaves out is the processes and the network, so it runs 1,000 clients on a laptop.
 
     python partition_data.py --source idx --dataset fashion_mnist \\
         --idx-dir /usr/share/datasets/fashion-mnist --out-dir /tmp/fmnist
@@ -29,70 +28,44 @@ import json
 import logging
 import pathlib
 import sys
-import time
-
-import jax
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import client  # noqa: E402  (the repo root is on sys.path only after the line above)
-import model  # noqa: E402
-from federation import privacy, shards  # noqa: E402
-from federation.aggregation import RULES, aggregate  # noqa: E402
-from federation.client_manager import choose  # noqa: E402
-from federation.strategy import DP_NOISE_STREAM  # noqa: E402
+from federation import privacy, shards, simulation  # noqa: E402  (on sys.path only now)
+from federation.aggregation import RULES  # noqa: E402
+from federation.server_setup import ServerSettings  # noqa: E402
 
 
-def load(data_dir: str) -> tuple[list[shards.Partition], np.ndarray, np.ndarray]:
-    """Every partition of data_dir, and the server's test set."""
-    manifest = shards.load_manifest(data_dir)
-    parts = [shards.load_partition(shards.partition_path(data_dir, i))
-             for i in range(manifest["num_partitions"])]
-    x_test, y_test = shards.load_test_set(shards.test_set_path(data_dir))
-    return parts, x_test, y_test
-
-
-def federate(parts: list[shards.Partition], x_test: np.ndarray, y_test: np.ndarray, *,
-             rounds: int, fraction_fit: float = 1.0, rule: str = "fedavg",
-             trim_fraction: float = 0.2, krum_malicious: int = 2,
-             dp: privacy.DPConfig | None = None, attack: str | None = None,
-             attackers: int = 0, boost: float = 10.0, seed: int = 0) -> list[dict]:
-    """One run; a record per round: test accuracy, seconds, ε (with DP)."""
+def federate(parts: list[shards.Partition], test_set: tuple, *, rounds: int,
+             fraction_fit: float = 1.0, rule: str = "fedavg", trim_fraction: float = 0.2,
+             krum_malicious: int = 2, dp: privacy.DPConfig | None = None,
+             attack: str | None = None, attackers: int = 0, boost: float = 10.0,
+             seed: int = 0) -> list[dict]:
+    """One run (model.py's local-training defaults); a record per round: test accuracy,
+    seconds, ε (with DP)."""
     n = len(parts)
     evil = set(range(n - attackers, n))
-    clients = [client.MnistClient(part, i, seed, attack if i in evil else None, boost)
-               for i, part in enumerate(parts)]
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(seed)))
-    per_round = max(int(n * fraction_fit), 1)  # FedAvg.num_fit_clients, all connected
-    config = {"local_epochs": model.LOCAL_EPOCHS, "batch_size": model.BATCH_SIZE,
-              "learning_rate": model.LEARNING_RATE}
+    settings = ServerSettings(
+        rounds=rounds, min_clients=n, fraction_fit=fraction_fit, seed=seed, aggregation=rule,
+        trim_fraction=trim_fraction, krum_malicious=krum_malicious,
+        **({} if dp is None else {"dp_noise_multiplier": dp.noise_multiplier,
+                                  "dp_clipping_norm": dp.clipping_norm, "dp_delta": dp.delta}))
     records = []
-    for server_round in range(1, rounds + 1):
-        start = time.perf_counter()
-        sampled = choose(seed, server_round, 0, n, per_round)
-        updates = []
-        for i in sampled:
-            trained, num_examples, metrics = clients[i].fit(
-                arrays, {**config, "server_round": server_round})
-            assert "error" not in metrics, metrics
-            updates.append((trained, num_examples))
+
+    def record(done: simulation.Round) -> None:
+        if not done.record["round"]:
+            return
+        accuracy = done.record["centralized_accuracy"]
+        records.append({"round": done.record["round"], "accuracy": accuracy,
+                        "seconds": round(done.record["round_seconds"], 2),
+                        "attackers_sampled": len(evil & set(done.sampled))})
         if dp is not None:
-            rng = np.random.default_rng([seed, server_round, DP_NOISE_STREAM])
-            arrays, _ = privacy.dp_fedavg(arrays, [u for u, _ in updates], dp, len(sampled), rng)
-        else:
-            arrays = aggregate(rule, updates, trim_fraction=trim_fraction,
-                               num_malicious=krum_malicious)
-        _, accuracy = model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)
-        record = {"round": server_round, "accuracy": float(accuracy),
-                  "seconds": round(time.perf_counter() - start, 2),
-                  "attackers_sampled": len(evil & set(sampled))}
-        if dp is not None:
-            record["epsilon"] = privacy.epsilon(dp.noise_multiplier, fraction_fit,
-                                                server_round, dp.delta)
-        records.append(record)
-        print(f"  round {server_round}: accuracy {100 * accuracy:.2f}%"
-              + (f"  ε {record['epsilon']:.2f}" if dp is not None else ""), flush=True)
+            records[-1]["epsilon"] = done.record["epsilon"]
+        print(f"  round {done.record['round']}: accuracy {100 * accuracy:.2f}%"
+              + (f"  ε {done.record['epsilon']:.2f}" if dp is not None else ""), flush=True)
+
+    simulation.run(settings, parts, test_set, attackers=dict.fromkeys(evil, attack),
+                   attack_boost=boost, federated_evaluation=False, on_round=record)
     return records
 
 
@@ -106,14 +79,14 @@ def emit(row: dict, json_path: str | None) -> None:
 
 def run_attacks(args: argparse.Namespace) -> None:
     """Every rule against every attack and number of attackers."""
-    parts, x_test, y_test = load(args.data_dir)
+    parts, test_set = shards.load_all(args.data_dir)
     table = {}
     cases = ([] if args.no_honest else [(None, 0)]) + [
         (a, k) for a in args.attack for k in args.attackers if k > 0]
     for attack, attackers in cases:
         for rule in args.rules:
             print(f"{rule}, {attackers} x {attack or 'honest'}", flush=True)
-            records = federate(parts, x_test, y_test, rounds=args.rounds, rule=rule,
+            records = federate(parts, test_set, rounds=args.rounds, rule=rule,
                                trim_fraction=args.trim_fraction,
                                krum_malicious=args.krum_malicious, attack=attack,
                                attackers=attackers, boost=args.boost, seed=args.seed)
@@ -132,14 +105,14 @@ def run_attacks(args: argparse.Namespace) -> None:
 
 def run_dp(args: argparse.Namespace) -> None:
     """Accuracy and ε for every noise multiplier and sampling rate."""
-    parts, x_test, y_test = load(args.data_dir)
+    parts, test_set = shards.load_all(args.data_dir)
     rows = []
     for fraction_fit in args.fraction_fit:
         for sigma in args.sigma:
             dp = (None if sigma < 0 else
                   privacy.DPConfig(sigma, args.clipping_norm, args.delta))
             print(f"q {fraction_fit}, sigma {sigma if dp else 'off'}", flush=True)
-            records = federate(parts, x_test, y_test, rounds=args.rounds,
+            records = federate(parts, test_set, rounds=args.rounds,
                                fraction_fit=fraction_fit, dp=dp, seed=args.seed)
             last = records[-1]
             rows.append((fraction_fit, sigma, last.get("epsilon"), last["accuracy"]))
@@ -238,7 +211,8 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the clients' per-round lines
     try:
         {"attacks": run_attacks, "dp": run_dp, "plot": plot_attacks}[args.bench](args)
-    except (shards.DataError, OSError) as e:  # a wrong --data-dir or --json: one line
+    except (shards.DataError, OSError, ValueError) as e:  # a wrong --data-dir or --json, or
+        # settings the federation refuses (simulation.run's one line): one line
         sys.exit(f"bench_protection.py: error: {e}")
 
 

@@ -35,10 +35,10 @@ import time
 import numpy as np
 import psutil
 
+from _common import free_port  # benchmarks/ is on sys.path (the script's directory)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_engines import free_port  # noqa: E402  (a sibling script, not a package)
 
 
 def app_copy(dest: pathlib.Path, client_app: pathlib.Path) -> pathlib.Path:

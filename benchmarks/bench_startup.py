@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 
+from _common import free_port, peak_rss_mib  # benchmarks/ is on sys.path (this directory)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if "--repo" in sys.argv:  # another checkout's scripts, e.g. the code before issue 8
     REPO = pathlib.Path(sys.argv[sys.argv.index("--repo") + 1]).resolve()
@@ -52,17 +54,6 @@ def memory_mib() -> tuple[float, float]:
     """(VmHWM, VmRSS) of this process in MiB: peak and current resident memory."""
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "VmRSS"))
-
-
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM of another process in MiB (0 once it is gone)."""
-    try:
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 # ------------------------------------------------------------------ fresh process
@@ -124,7 +115,6 @@ def fresh_process(args: argparse.Namespace) -> None:
 
 def launch(data_dir: pathlib.Path, results: pathlib.Path, cache: str, args) -> dict:
     """server.py + N client.py started at once; timings, peaks and accuracy per round."""
-    from bench_federation import free_port  # noqa: PLC0415
     port = free_port()
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -169,40 +159,20 @@ def launch(data_dir: pathlib.Path, results: pathlib.Path, cache: str, args) -> d
 
 
 def single_process(args: argparse.Namespace) -> None:
-    """Run inside a fresh process: the federation's training as one FedAvg loop (timed by
-    the caller from launch). Same keys, data, evaluations and settings as server.py's."""
-    import jax  # noqa: PLC0415
-    import client  # noqa: PLC0415
+    """Run inside a fresh process: the federation's training in one process
+    (federation/simulation.py, timed by the caller from launch), with server.py's settings:
+    the same keys, data and evaluations."""
     import model  # noqa: PLC0415
     import server  # noqa: PLC0415
-    from federation import aggregation, shards  # noqa: PLC0415
-    settings = server.parse_args(["--data-dir", str(args.data_dir), *args.server_args])
-    parts = [shards.load_partition(shards.partition_path(args.data_dir, i))
-             for i in range(args.clients)]
-    x_test, y_test = shards.load_test_set(shards.test_set_path(args.data_dir))
-    if hasattr(model, "compile_steps"):
-        from federation import compile_cache  # noqa: PLC0415
-        compile_cache.enable()
-        model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
-    else:  # --repo with the code before issue 8: no cache, warm-up by a throw-away epoch
-        client.MnistClient(parts[0], 0, 0).warm_up(settings.batch_size)
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(settings.seed)))
-    accuracies = [model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)[1]]
-    for server_round in range(1, args.rounds + 1):
-        updates = []
-        for i, part in enumerate(parts):
-            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train,
-                                    part.y_train, epochs=settings.local_epochs,
-                                    batch_size=settings.batch_size,
-                                    learning_rate=settings.learning_rate,
-                                    key=client.round_key(settings.seed, server_round, i))
-            updates.append((model.params_to_ndarrays(params), len(part.x_train)))
-        arrays = aggregation.fedavg(updates)
-        params = model.ndarrays_to_params(arrays)
-        accuracies.append(model.evaluate(params, x_test, y_test)[1])  # centralized
-        for part in parts:  # federated, with client.py's batch size
-            model.evaluate(params, part.x_val, part.y_val, client.eval_batch_size(len(part.x_val)))
-    print(json.dumps(accuracies))
+    from federation import compile_cache, shards, simulation  # noqa: PLC0415
+    settings = server.settings_from_args(server.parse_args(
+        ["--data-dir", str(args.data_dir), "--min-clients", str(args.clients),
+         "--rounds", str(args.rounds), *args.server_args]))
+    parts, test_set = shards.load_all(args.data_dir)
+    compile_cache.enable()
+    model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
+    result = simulation.run(settings, parts[:args.clients], test_set)
+    print(json.dumps([r["centralized_accuracy"] for r in result.records]))
 
 
 def federation(args: argparse.Namespace) -> None:
@@ -324,6 +294,10 @@ def main() -> None:
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.server_args = server_args
+    if args.federation and not args.no_single and not (
+            REPO / "federation" / "simulation.py").exists():
+        p.error(f"--repo {REPO} has no federation/simulation.py for the single-process run; "
+                "add --no-single")
     if args.probe:
         probe(args.probe, str(args.data_dir), args.jax_cache)
     elif args.single:

@@ -1,10 +1,9 @@
 """Which local-training recipe gets the global model good soonest? A sweep that prints a table.
 
-The federated run equals a single-process FedAvg loop bit for bit (tests/test_federation.py,
-test_federated_model_equals_a_single_process_fedavg_loop), so this sweep runs that loop in
-one process with the project's own code: model.train for every client, with the key
-client.round_key(seed, round, partition) a client would use, then
-federation.aggregation.fedavg, then model.evaluate on the server's test set. What it
+The federated run equals federation/simulation.py's run in one process bit for bit
+(tests/test_federation.py, test_federated_run_equals_the_simulation_bit_for_bit), so this
+sweep runs that, with server.py's settings for each recipe: every client trains as
+client.py does, FedAvg averages, and the server evaluates on its test set. What it
 measures is what server.py + client.py would produce, minus the processes and gRPC.
 
 For every recipe (local epochs, learning rate, learning-rate schedule, batch size, model
@@ -24,7 +23,8 @@ Anything but model.py's own schedule is tried by swapping the function model.tra
 
 Widths: 1 is model.py's CNN (16/32 conv channels, 128 dense); 2 doubles the conv channels
 (32/64, the "32/64 variant" of model.py's docstring). model.train and model.apply work on
-any such params pytree; only the wire format (param_spec) is fixed to width 1.
+any such params pytree; the wire format (param_spec) is read from model.py's layer table,
+which is swapped for the length of one run, like the schedule.
 
     python partition_data.py --source idx --dataset fashion_mnist \\
         --idx-dir /usr/share/datasets/fashion-mnist --out-dir /tmp/fmnist
@@ -46,7 +46,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +53,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import client  # noqa: E402  (the repo root is on sys.path only after the line above)
-import model  # noqa: E402
-from federation import aggregation, shards  # noqa: E402
+import model  # noqa: E402  (the repo root is on sys.path only after the line above)
+from federation import shards, simulation  # noqa: E402
+from federation.server_setup import ServerSettings  # noqa: E402
 
 
 def schedule_fn(name: str):
@@ -89,15 +88,32 @@ def schedule(name: str):
         model.local_learning_rate = original
 
 
+def layers(width: int) -> list[tuple[str, tuple[int, ...]]]:
+    """model.py's layer table with width x the conv channels (width 1: model.py's own)."""
+    c1, c2 = 16 * width, 32 * width
+    return [("conv1", (3, 3, 1, c1)), ("conv2", (3, 3, c1, c2)),
+            ("dense1", (7 * 7 * c2, 128)), ("dense2", (128, model.NUM_CLASSES))]
+
+
+@contextlib.contextmanager
+def model_width(width: int):
+    """model.py's CNN with width x the conv channels, for the length of the block: its layer
+    table, which param_spec (the wire format) reads, swapped."""
+    original = model._LAYERS  # pylint: disable=protected-access
+    assert layers(1) == original, "layers() no longer matches model.py"
+    model._LAYERS = layers(width)  # pylint: disable=protected-access
+    try:
+        yield
+    finally:
+        model._LAYERS = original  # pylint: disable=protected-access
+
+
 def init_params(key: jax.Array, width: int) -> model.Params:
     """model.init_params for width 1; for width w, the same recipe with w x the conv channels."""
     if width == 1:
         return model.init_params(key)
-    c1, c2 = 16 * width, 32 * width
-    shapes = {"conv1": (3, 3, 1, c1), "conv2": (3, 3, c1, c2),
-              "dense1": (7 * 7 * c2, 128), "dense2": (128, model.NUM_CLASSES)}
     params = {}
-    for (name, shape), k in zip(shapes.items(), jax.random.split(key, len(shapes))):
+    for (name, shape), k in zip(layers(width), jax.random.split(key, 4)):
         fan_in = int(np.prod(shape[:-1]))
         w = (jnp.zeros(shape, jnp.float32) if name == "dense2"
              else jax.random.normal(k, shape, jnp.float32) * np.sqrt(2.0 / fan_in))
@@ -105,38 +121,24 @@ def init_params(key: jax.Array, width: int) -> model.Params:
     return params
 
 
-def load(data_dir: pathlib.Path) -> tuple[list[shards.Partition], np.ndarray, np.ndarray]:
-    """Every partition and the test set of a partition_data.py directory."""
-    manifest = shards.load_manifest(data_dir)
-    parts = [shards.load_partition(shards.partition_path(data_dir, p["index"]))
-             for p in sorted(manifest["partitions"], key=lambda p: p["index"])]
-    return (parts, *shards.load_test_set(shards.test_set_path(data_dir)))
-
-
-def fedavg_run(parts, x_test, y_test, *, rounds: int, epochs: int, lr: float, batch: int,
-               width: int, seed: int) -> list[tuple[float, float]]:
-    """(cumulative seconds, test accuracy) after each round of FedAvg over every partition."""
-    leaves = jax.tree_util.tree_leaves
+def fedavg_run(parts: list[shards.Partition], test_set: tuple[np.ndarray, np.ndarray], *,
+               rounds: int, epochs: int, lr: float, batch: int, width: int,
+               seed: int) -> list[tuple[float, float]]:
+    """(cumulative seconds, test accuracy) after each round of FedAvg over every partition
+    (simulation.py; the seconds are its rounds': training, averaging, test evaluation)."""
     params = init_params(jax.random.key(seed), width)
-    treedef = jax.tree_util.tree_structure(params)
     # Compile outside the clock (every client.py does so before joining, too).
     model.train(params, parts[0].x_train[:batch], parts[0].y_train[:batch], epochs=1,
                 batch_size=batch, learning_rate=lr, key=jax.random.key(0))
-    model.evaluate(params, x_test, y_test)
+    settings = ServerSettings(rounds=rounds, min_clients=len(parts), local_epochs=epochs,
+                              batch_size=batch, learning_rate=lr, seed=seed)
+    with model_width(width):
+        result = simulation.run(settings, parts, test_set, federated_evaluation=False,
+                                initial_arrays=model.params_to_ndarrays(params))
     history, elapsed = [], 0.0
-    for server_round in range(1, rounds + 1):
-        start = time.perf_counter()
-        updates = []
-        for i, part in enumerate(parts):
-            trained, _ = model.train(params, part.x_train, part.y_train, epochs=epochs,
-                                     batch_size=batch, learning_rate=lr,
-                                     key=client.round_key(seed, server_round, i))
-            updates.append(([np.asarray(a) for a in leaves(trained)], len(part.x_train)))
-        params = jax.tree_util.tree_unflatten(
-            treedef, [jnp.asarray(a) for a in aggregation.fedavg(updates)])
-        _, accuracy = model.evaluate(params, x_test, y_test)
-        elapsed += time.perf_counter() - start
-        history.append((elapsed, accuracy))
+    for record in result.records[1:]:  # round 0's evaluation compiles outside the clock
+        elapsed += record["round_seconds"]
+        history.append((elapsed, record["centralized_accuracy"]))
     return history
 
 
@@ -175,7 +177,7 @@ def main() -> None:
               + " ".join(f"{'r' + str(r):>5s}" for r in range(1, args.rounds + 1))
               + f"  {'s/round':>7s}  {'s to target':>11s}")
     for d, data_dir in enumerate(args.data_dir):
-        parts, x_test, y_test = load(data_dir)
+        parts, (x_test, y_test) = shards.load_all(data_dir)
         dataset = shards.load_manifest(data_dir)["dataset"]
         target = (args.target[d] if args.target
                   else {"fashion_mnist": 0.88, "mnist": 0.95}[dataset])
@@ -187,7 +189,7 @@ def main() -> None:
         for epochs, lr, batch, sched, width in itertools.product(
                 args.epochs, args.lr, args.batch, args.schedule, args.width):
             with schedule(sched):
-                history = fedavg_run(parts, x_test, y_test, rounds=args.rounds, epochs=epochs,
+                history = fedavg_run(parts, (x_test, y_test), rounds=args.rounds, epochs=epochs,
                                      lr=lr, batch=batch, width=width, seed=args.seed)
             reached = seconds_to(history, target)
             print(f"{name:13s} {epochs:2d} {lr:6.0e} {batch:3d} {sched:>5s} {width:1d}  "

@@ -74,6 +74,11 @@ def _finite_or_none(value: object) -> object:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def saved_record(record: Mapping) -> dict:
+    """A round's record as metrics.json holds it: every METRIC_FIELDS key, NaN/Inf as null."""
+    return {k: _finite_or_none(record.get(k)) for k in METRIC_FIELDS}
+
+
 def metrics_csv(records: Sequence[Mapping]) -> str:
     """The records as CSV with METRIC_FIELDS columns; None becomes an empty cell."""
     out = io.StringIO()
@@ -155,7 +160,7 @@ class ResultsDir:
                           lambda f: np.savez(f, **server_state))
         for path in (self.model_path(server_round), self.root / "global_model.npz"):
             _write_atomic(path, lambda f: np.savez(f, **named))
-        clean = [{k: _finite_or_none(r.get(k)) for k in METRIC_FIELDS} for r in records]
+        clean = [saved_record(r) for r in records]
         text = json.dumps(clean, indent=2) + "\n"
         _write_atomic(self.root / "metrics.csv", lambda f: f.write(metrics_csv(clean).encode()))
         _write_atomic(self.root / "metrics.json", lambda f: f.write(text.encode()))

@@ -194,6 +194,13 @@ def server_optimizer_config(settings: ServerSettings) -> dict[str, Any]:
                                       settings.server_momentum)
 
 
+def fit_config(settings: ServerSettings) -> dict[str, Any]:
+    """The local-training settings sent to every client each round (with "server_round")."""
+    return {"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
+            "client_optimizer": settings.client_optimizer,
+            "learning_rate": settings.learning_rate, "proximal_mu": settings.proximal_mu}
+
+
 def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
     """Every setting of this run, plus what identifies its data and model (run_config.json)."""
     return {
@@ -331,10 +338,7 @@ def _build_strategy(settings: ServerSettings) -> tuple[CheckedFedAvg, int] | Non
         evaluate_fn=centralized_evaluator(x_test, y_test), results=results,
         total_rounds=settings.rounds, min_clients=settings.min_clients,
         fraction_fit=settings.fraction_fit, records=records,
-        fit_config={"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
-                    "client_optimizer": settings.client_optimizer,
-                    "learning_rate": settings.learning_rate,
-                    "proximal_mu": settings.proximal_mu},
+        fit_config=fit_config(settings),
         run_config=config, round_timeout=settings.round_timeout, seed=settings.seed,
         aggregation=settings.aggregation, trim_fraction=settings.trim_fraction,
         krum_malicious=settings.krum_malicious, dp=settings.dp,

@@ -146,6 +146,15 @@ def load_test_set(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     return x_test, y_test
 
 
+def load_all(data_dir: PathLike) -> tuple[list[Partition], tuple[np.ndarray, np.ndarray]]:
+    """Every partition of a data directory, by index, and its test set (raises DataError):
+    the data of a whole federation in one process (simulation.py)."""
+    manifest = load_manifest(data_dir)
+    partitions = [load_partition(partition_path(data_dir, p["index"]))
+                  for p in sorted(manifest["partitions"], key=lambda p: p["index"])]
+    return partitions, load_test_set(test_set_path(data_dir))
+
+
 def load_manifest(data_dir: PathLike) -> dict:
     """Parse manifest.json (raises DataError if missing, corrupt or of another format)."""
     path = manifest_path(data_dir)

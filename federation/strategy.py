@@ -20,9 +20,10 @@ that server.py (flwr.server.start_server) and a later ServerApp can share it:
    which partition they train, and gives up after a timeout instead of Flower's 24 h.
    --min-clients decides when a round may start; a round that has started is recorded
    and saved with whichever clients are left (evaluation does not wait for more).
-5. The rule (aggregation.py, privacy.py): FedAvg by default; a robust rule (median,
-   trimmed mean, Krum) against poisoning clients; or DP-FedAvg (clip, average, add
-   seeded Gaussian noise), with the privacy spent so far (ε) in every round's record.
+5. The rule (rounds.py, with aggregation.py and privacy.py): FedAvg by default; a
+   robust rule (median, trimmed mean, Krum) against poisoning clients; or DP-FedAvg
+   (clip, average, add seeded Gaussian noise), with the privacy spent so far (ε) in every
+   round's record.
 
 Under secure aggregation (SecAgg+, server_app.py with `secagg = true`) the server sees only
 the clients' weighted average, so 1. shrinks to checks on that average (_aggregate_secure).
@@ -31,7 +32,6 @@ round their weights stochastically (NumPy's unseeded global generator, in Flower
 quantize), so two such runs differ within the quantization error.
 """
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
@@ -56,19 +56,13 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from federation import privacy
-from federation.aggregation import (Arrays, aggregate, krum_minimum_clients, update_norm,
-                                   weighted_mean)
+from federation import privacy, rounds
+from federation.aggregation import Arrays
 from federation.client_manager import TimeoutClientManager
 from federation.results import ResultsDir
 from federation.validation import (MAX_UPDATE_RATIO, validate_arrays, validate_evaluation,
                                    validate_update)
 
-
-# The seeded random streams of a round are np.random.default_rng([seed, round, stream]):
-# 0 picks the clients that train, 1 those that evaluate (client_manager.py), 2 draws
-# DP-FedAvg's noise. One stream per purpose: no draw ever reuses another's numbers.
-DP_NOISE_STREAM = 2
 
 if TYPE_CHECKING:  # server_optimizers.py needs JAX; this file does not
     from federation.server_optimizers import ServerOptimizer
@@ -286,10 +280,7 @@ class CheckedFedAvg(FedAvg):
                 _reply_bytes(res)
                 for _, res in results + [f for f in failures if isinstance(f, tuple)]))
         ordered = [accepted[p] for p in sorted(accepted)]
-        self._round.update(
-            train_loss=weighted_mean([(m.get("train_loss", math.nan), n) for _, n, m in ordered]),
-            train_accuracy=weighted_mean([(m.get("train_accuracy", math.nan), n)
-                                          for _, n, m in ordered]))
+        self._round.update(rounds.train_metrics([(n, m) for _, n, m in ordered]))
         if not ordered:
             log(WARNING, "round %d: no valid update; the global model stays as it was", true_round)
             return None, {}
@@ -300,22 +291,14 @@ class CheckedFedAvg(FedAvg):
             "train_accuracy": self._round["train_accuracy"]}
 
     def _aggregate(self, updates: list[tuple[Arrays, int]], true_round: int) -> Arrays:
-        """The new global model from the accepted updates (in partition order)."""
-        norms = [update_norm(arrays, self._global) for arrays, _ in updates]
-        self._round["update_norm"] = float(np.median(norms))
-        if self.dp is not None:
-            rng = np.random.default_rng([self.seed, true_round, DP_NOISE_STREAM])
-            new, _ = privacy.dp_fedavg(self._global, [a for a, _ in updates], self.dp,
-                                       self._round["clients_sampled"], rng)
-            self._round["clipped"] = sum(n > self.dp.clipping_norm for n in norms)
-            return new
-        if (self.aggregation == "krum"
-                and len(updates) < krum_minimum_clients(self.krum_malicious)):
-            log(WARNING, "round %d: Krum with %d updates cannot tolerate --krum-malicious %d "
-                "(it needs %d); aggregating anyway", true_round, len(updates),
-                self.krum_malicious, krum_minimum_clients(self.krum_malicious))
-        return aggregate(self.aggregation, updates, trim_fraction=self.trim_fraction,
-                         num_malicious=self.krum_malicious)
+        """The aggregate of the accepted updates (in partition order): rounds.py."""
+        aggregated, stats = rounds.aggregate_updates(
+            self._global, updates, server_round=true_round, seed=self.seed,
+            aggregation=self.aggregation, trim_fraction=self.trim_fraction,
+            krum_malicious=self.krum_malicious, dp=self.dp,
+            num_sampled=self._round["clients_sampled"] if self.dp is not None else None)
+        self._round.update(stats)
+        return aggregated
 
     def _server_step(self, aggregated: Arrays) -> Arrays:
         """The server optimizer's step from this round's global model (FedAvg: the aggregate)."""
@@ -368,10 +351,7 @@ class CheckedFedAvg(FedAvg):
         self._round.update(
             clients_fit=len(replies), failures=self._round["clients_sampled"] - len(replies),
             bytes_received=sum(_masked_reply_bytes(res, self._global) for res in replies),
-            train_loss=weighted_mean([(r.metrics.get("train_loss", math.nan), r.num_examples)
-                                      for r in replies]),
-            train_accuracy=weighted_mean([(r.metrics.get("train_accuracy", math.nan),
-                                           r.num_examples) for r in replies]))
+            **rounds.train_metrics([(r.num_examples, r.metrics) for r in replies]))
         if not replies:
             log(WARNING, "round %d: no masked model; the global model stays as it was",
                 true_round)
@@ -491,10 +471,11 @@ class CheckedFedAvg(FedAvg):
                 continue
             valid[res.metrics["partition"]] = res
         ordered = [valid[p] for p in sorted(valid)]
-        loss = weighted_mean([(r.loss, r.num_examples) for r in ordered])
-        accuracy = weighted_mean([(float(r.metrics["accuracy"]), r.num_examples) for r in ordered])
-        self._finish_round(dict(self._round, federated_loss=loss, federated_accuracy=accuracy,
+        metrics = rounds.evaluation_metrics([(r.loss, r.num_examples, r.metrics)
+                                             for r in ordered])
+        self._finish_round(dict(self._round, **metrics,
                                 evaluate_failures=len(failures) + len(results) - len(ordered)))
+        loss, accuracy = metrics["federated_loss"], metrics["federated_accuracy"]
         return loss, ({} if accuracy is None else {"accuracy": accuracy})
 
     def _finish_round(self, record: dict) -> None:

@@ -1,5 +1,6 @@
 """Settings shared by every test: no test talks to anything but 127.0.0.1."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -20,10 +21,13 @@ NUM_PARTITIONS = 5  # in the test data of data_dir
 @pytest.fixture(scope="session", autouse=True)
 def jax_cache_dir(tmp_path_factory):
     """One JAX compilation cache (federation/compile_cache.py) for every process of the
-    session, in a directory of its own: tests never write to the user's cache."""
+    session, this one included, in a directory of its own: tests never write to the user's
+    cache, and what a test computes in this process (simulation.py) loads the programs its
+    server and clients compiled."""
     from test_federation import ENV  # noqa: PLC0415  (the environment of test processes)
     path = tmp_path_factory.mktemp("jax_cache")
     os.environ[compile_cache.ENV_VAR] = ENV[compile_cache.ENV_VAR] = str(path)
+    compile_cache.enable()
     return path
 
 
@@ -48,3 +52,56 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
                    cwd=REPO, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}, check=True,
                    capture_output=True, timeout=120)
     return out
+
+
+@pytest.fixture(scope="session")
+def matches_simulation():
+    """check(results, flags, clients, **options): the run server.py made in `results` with
+    these flags, served by one client.py per partition 0..clients-1, equals the same run
+    computed in this process by federation/simulation.py (options: its attackers etc.):
+    the global model bit for bit, and every metrics.json record but the clock and the
+    bytes on the wire."""
+    import numpy as np  # noqa: PLC0415
+
+    import model  # noqa: PLC0415  (JAX: only for the tests that use this fixture)
+    import server  # noqa: PLC0415
+    from federation import results as results_dir, shards, simulation  # noqa: PLC0415
+
+    def check(results: pathlib.Path, flags: list, clients: int, **options) -> None:
+        settings = server.settings_from_args(server.parse_args([str(f) for f in flags]))
+        partitions, test_set = shards.load_all(settings.data_dir)
+        simulated = simulation.run(settings, partitions[:clients], test_set, **options)
+        with np.load(results / "global_model.npz", allow_pickle=False) as saved:
+            for (name, _), array in zip(model.param_spec(), simulated.arrays, strict=True):
+                assert saved[name].tobytes() == array.tobytes(), name
+        unmeasured = ("round_seconds", "bytes_received")  # this process's, not the network's
+        real = [{k: v for k, v in r.items() if k not in unmeasured}
+                for r in json.loads((results / "metrics.json").read_text())]
+        assert real == [{k: v for k, v in results_dir.saved_record(r).items()
+                         if k not in unmeasured} for r in simulated.records]
+    return check
+
+
+@pytest.fixture(scope="session")
+def app_copy():
+    """make(dest, client_app): a copy of the Flower App in dest (the files pyproject's
+    fab-include names) whose ClientApp is `client_app:app`, a module file that wraps
+    client_app.py (e.g. tests/secagg_dropout_app.py)."""
+    import shutil  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    included = tomllib.loads(pyproject)["tool"]["flwr"]["app"]["fab-include"]
+
+    def make(dest: pathlib.Path, client_app: pathlib.Path) -> pathlib.Path:
+        for pattern in included:
+            for path in REPO.glob(pattern):
+                (dest / path.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, dest / path.relative_to(REPO))
+        shutil.copy(client_app, dest)
+        (dest / "pyproject.toml").write_text(
+            pyproject.replace('clientapp = "client_app:app"',
+                              f'clientapp = "{client_app.stem}:app"')
+            .replace('"server_app.py",', f'"server_app.py", "{client_app.name}",'))
+        return dest
+    return make

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from federation import run_lock
@@ -24,9 +23,7 @@ from test_federation import (
     ENV,
     REPO,
     client_args,
-    fedavg_in_one_process,
     free_port,
-    load_model,
     records,
     server_args,
     wait_until,
@@ -328,7 +325,8 @@ def test_tls_mismatches_are_reported_at_once_in_one_line(procs, tmp_path, data_d
 # ----------------------------------------------------------------------------- resume
 
 @pytest.mark.slow
-def test_resume_after_killing_the_server_is_bit_identical(procs, tmp_path, data_dir):
+def test_resume_after_killing_the_server_is_bit_identical(procs, tmp_path, data_dir,
+                                                          matches_simulation):
     port, results = free_port(), tmp_path / "results"
     args = server_args(port, data_dir, results, 3)
     procs.start("server", "server.py", *args)
@@ -352,11 +350,7 @@ def test_resume_after_killing_the_server_is_bit_identical(procs, tmp_path, data_
     rounds_logged = re.findall(r"\[ROUND (\d+)\]", procs.err("resumed"))
     assert rounds_logged == [str(r) for r in range(killed_after + 1, 4)]
     assert json.loads((results / "run_config.json").read_text())["resumed_after"] == [killed_after]
-    resumed = load_model(results / "global_model.npz")
-    reference = fedavg_in_one_process(data_dir, 3)  # the same run, never stopped
-    assert resumed.keys() == reference.keys()
-    for name in reference:
-        assert np.array_equal(resumed[name], reference[name]), name
+    matches_simulation(results, args, CLIENTS)  # the same run, never stopped
 
 
 # ------------------------------------------------------------------ the smaller tools

@@ -172,48 +172,43 @@ def test_bytes_on_the_wire_are_the_weights(normal_run):
         assert 1.0 < r["bytes_received"] / (weights * r["clients_fit"]) <= 1.01
 
 
-def fedavg_in_one_process(data_dir: pathlib.Path, rounds: int) -> dict[str, np.ndarray]:
-    """The global model after `rounds` of FedAvg over CLIENTS partitions, built here
-    independently of the code under test: each client is model.train with the key of the
-    documented rule (documented_key, not client.round_key), and the average is FedAvg's
-    sum_k n_k w_k / sum_k n_k written out in NumPy (not federation.aggregation.fedavg), in
-    float64 and partition order as the README documents, so the bits must match."""
-    import jax  # noqa: PLC0415
-    import model  # noqa: PLC0415
-    from federation import shards  # noqa: PLC0415
-    parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
-    sizes = [len(part.x_train) for part in parts]
-    assert len(set(sizes)) == CLIENTS, sizes  # unequal: an unweighted mean would not pass
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
-    for server_round in range(1, rounds + 1):
-        trained = []
-        for i, part in enumerate(parts):
-            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
-                                    epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
-                                    key=documented_key(0, server_round, i))
-            trained.append(model.params_to_ndarrays(params))
-        arrays = [(sum(n * w[j].astype(np.float64) for n, w in zip(sizes, trained))
-                   / sum(sizes)).astype(np.float32) for j in range(len(arrays))]
-    unweighted = (sum(w[0].astype(np.float64) for w in trained) / CLIENTS).astype(np.float32)
-    assert not np.array_equal(unweighted, arrays[0])  # the weights make a difference
-    return {name: a for (name, _), a in zip(model.param_spec(), arrays)}
-
-
-def test_federated_model_equals_a_single_process_fedavg_loop(normal_run, data_dir):
-    """Same keys, same order: the gRPC run must match FedAvg in one process, bit for bit."""
+def test_federated_run_equals_the_simulation_bit_for_bit(normal_run, data_dir,
+                                                        matches_simulation):
+    """Same settings, same keys, same order: the gRPC run gives what federation/simulation.py
+    computes in one process, the global model and every record, bit for bit. (FedAvg's
+    formula and the key rule are checked against hand-computed values and the documented
+    rule: test_strategy.py, test_every_client_and_round_shuffles_with_its_own_key.)"""
     _, results, _ = normal_run
-    federated = load_model(results / "global_model.npz")
-    for name, expected in fedavg_in_one_process(data_dir, 3).items():
-        assert np.array_equal(federated[name], expected), name
+    from federation import shards  # noqa: PLC0415
+    sizes = [len(shards.load_partition(shards.partition_path(data_dir, i)).x_train)
+             for i in range(CLIENTS)]
+    assert len(set(sizes)) == CLIENTS, sizes  # unequal: an unweighted mean would not pass
+    matches_simulation(results, server_args(8080, data_dir, results, 3), CLIENTS)
+
+
+def test_the_simulation_refuses_what_it_cannot_run_in_one_line(data_dir):
+    from federation import shards, simulation  # noqa: PLC0415
+    from federation.server_setup import ServerSettings  # noqa: PLC0415
+    partitions, test_set = shards.load_all(data_dir)
+    for settings, attackers, message in [
+            (ServerSettings(min_clients=6), {}, "min-clients 6, but only 5 partitions"),
+            (ServerSettings(min_clients=5, secagg=True), {}, "secagg: SecAgg\\+ runs only in"),
+            (ServerSettings(min_clients=5), {5: "sign-flip"}, "attacker 5: 'sign-flip' on "),
+            (ServerSettings(min_clients=5), {0: "noise"}, "attacker 0: 'noise' on partitions"),
+            (ServerSettings(min_clients=5, aggregation="krum"), {}, "krum-malicious 2 needs")]:
+        with pytest.raises(ValueError, match=message):
+            simulation.run(settings, partitions, test_set, attackers=attackers)
 
 
 @pytest.mark.slow
-def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, data_dir):
+def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, data_dir,
+                                                               matches_simulation):
     """--fraction-fit 0.5 with 2 clients over gRPC: every round one client trains and one
-    evaluates, the trainer being the one the documented seeded rule picks."""
+    evaluates, the trainer being the one the documented seeded rule picks; the simulation
+    picks the same ones and gives the same bits."""
     port, results = free_port(), tmp_path / "results"
-    procs.start("server", "server.py",
-                *server_args(port, data_dir, results, 2, 2, "--fraction-fit", "0.5"))
+    flags = server_args(port, data_dir, results, 2, 2, "--fraction-fit", "0.5")
+    procs.start("server", "server.py", *flags)
     for i in (0, 1):
         procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
     assert procs.wait("server", 150) == 0, procs.log("server")
@@ -229,6 +224,7 @@ def test_fraction_fit_trains_and_evaluates_the_seeded_fraction(procs, tmp_path, 
         picked = int(np.random.default_rng([0, r["round"], 0]).choice(2, 1)[0])
         assert f"round {r['round']}: training" in procs.err(f"client_{picked}")
         assert f"round {r['round']}: training" not in procs.err(f"client_{1 - picked}")
+    matches_simulation(results, flags, 2)
 
 
 # ------------------------------------------------------------------- failures

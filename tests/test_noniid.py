@@ -7,24 +7,20 @@ the global model, no recompilation) is tested in test_model.py.
 
 import signal
 
-import jax
 import numpy as np
 import optax
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-import model
 import server
 import server_app
-from federation import aggregation, results, server_optimizers, shards, strategy
+from federation import aggregation, results, server_optimizers, strategy
 from federation.server_setup import ServerSettings, SetupError, build_strategy
 from test_faults import last_line, snapshot
 from test_federation import (
     CLIENTS,
     client_args,
-    documented_key,
     free_port,
-    load_model,
     records,
     server_args,
     wait_until,
@@ -308,36 +304,16 @@ def test_server_optimizer_run_config_keys():
 
 # ------------------------------------------------- a resumed run of real processes
 
-def fedopt_in_one_process(data_dir, rounds: int, config: dict, proximal_mu: float,
-                          client_optimizer: str = "adam") -> dict[str, np.ndarray]:
-    """The global model after `rounds` of FedProx clients and a server optimizer over
-    CLIENTS partitions, in one process: model.train with the documented keys, the
-    example-weighted average, the optimizer's step (what the federation must equal)."""
-    parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
-    names = [name for name, _ in model.param_spec()]
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
-    optimizer = server_optimizers.ServerOptimizer(config, arrays, names)
-    for server_round in range(1, rounds + 1):
-        trained = []
-        for i, part in enumerate(parts):
-            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
-                                    epochs=1, batch_size=32,
-                                    learning_rate=model.LEARNING_RATES[client_optimizer],
-                                    key=documented_key(0, server_round, i),
-                                    proximal_mu=proximal_mu, optimizer=client_optimizer)
-            trained.append((model.params_to_ndarrays(params), len(part.x_train)))
-        arrays = optimizer.step(arrays, aggregation.fedavg(trained))
-    return dict(zip(names, arrays))
-
-
 @pytest.mark.slow
 def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tmp_path,
-                                                                       data_dir):
+                                                                       data_dir,
+                                                                       matches_simulation):
     """server.py --server-optimizer fedadam --proximal-mu 0.1 --client-optimizer sgd,
-    SIGKILLed once round 1 is saved, then --resume: the model equals an uninterrupted run
-    bit for bit (so the optimizer's state was restored, and the clients trained with mu
-    and SGD at its default rate). Resuming with another optimizer or other settings is
-    then refused in one line, changing nothing."""
+    SIGKILLed once round 1 is saved, then --resume: the model and the records equal an
+    uninterrupted run bit for bit, as federation/simulation.py computes it (so the
+    optimizer's state was restored, and the clients trained with mu and SGD at its default
+    rate). Resuming with another optimizer or other settings is then refused in one line,
+    changing nothing."""
     port, run_dir = free_port(), tmp_path / "results"
     sgd = ["--client-optimizer", "sgd"]
     method = ["--server-optimizer", "fedadam", "--proximal-mu", "0.1", *sgd]
@@ -357,11 +333,7 @@ def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tm
     for i in range(CLIENTS):
         assert procs.wait(f"client_{i}", 30) == 0, procs.log(f"client_{i}")
     assert [r["round"] for r in records(run_dir)] == [0, 1, 2, 3]
-    resumed = load_model(run_dir / "global_model.npz")
-    reference = fedopt_in_one_process(data_dir, 3, server_optimizers.settings("fedadam"), 0.1,
-                                      "sgd")
-    for name in reference:
-        assert np.array_equal(resumed[name], reference[name]), name
+    matches_simulation(run_dir, args, CLIENTS)  # the same run in one process, never stopped
     assert sorted(p.name for p in run_dir.glob("server_optimizer_*")) == [
         "server_optimizer_round_3.npz"]
 

@@ -6,6 +6,7 @@ principles; the end-to-end tests run real server and client processes.
 
 import json
 import math
+import pathlib
 import statistics
 
 import numpy as np
@@ -15,8 +16,7 @@ from scipy.stats import norm
 from federation import attacks, privacy
 from federation.aggregation import aggregate, krum, median, trimmed_mean
 from federation.server_setup import ServerSettings
-from test_federation import (CLIENTS, client_args, free_port, load_model, records,
-                             server_args)
+from test_federation import CLIENTS, client_args, free_port, records, server_args
 
 
 def updates(*rows, counts=None):
@@ -185,41 +185,17 @@ def test_server_refuses_bad_protection_flags_before_starting(tmp_path, procs, da
 
 # ---------------------------------------------------------- end to end, gRPC
 
-def dp_reference(data_dir, rounds: int, config: privacy.DPConfig) -> list[np.ndarray]:
-    """DP-FedAvg over CLIENTS partitions in one process, written out here: each client is
-    model.train with its documented key, then clip, sum, N(0, (σC)²) noise from the
-    documented stream default_rng([seed, round, 2]), and division by the clients sampled."""
-    import jax  # noqa: PLC0415
-    import model  # noqa: PLC0415
-    from federation import shards  # noqa: PLC0415
-    from test_federation import documented_key  # noqa: PLC0415
-    parts = [shards.load_partition(shards.partition_path(data_dir, i)) for i in range(CLIENTS)]
-    arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
-    for server_round in range(1, rounds + 1):
-        total = [np.zeros(a.shape) for a in arrays]
-        for i, part in enumerate(parts):
-            params, _ = model.train(model.ndarrays_to_params(arrays), part.x_train, part.y_train,
-                                    epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
-                                    key=documented_key(0, server_round, i))
-            delta = [w.astype(np.float64) - g for w, g in
-                     zip(model.params_to_ndarrays(params), arrays)]
-            size = math.sqrt(sum(float(np.sum(d * d)) for d in delta))
-            assert size > config.clipping_norm  # every update is clipped in this test
-            for t, d in zip(total, delta):
-                t += d * (config.clipping_norm / size)
-        rng = np.random.default_rng([0, server_round, 2])
-        std = config.noise_multiplier * config.clipping_norm
-        arrays = [(g + (t + rng.normal(0.0, std, g.shape)) / CLIENTS).astype(np.float32)
-                  for g, t in zip(arrays, total)]
-    return arrays
-
-
 @pytest.mark.slow
-def test_dp_fedavg_over_grpc_matches_the_reference_and_reports_epsilon(procs, tmp_path,
-                                                                       data_dir):
+def test_dp_fedavg_over_grpc_matches_the_simulation_and_reports_epsilon(procs, tmp_path,
+                                                                        data_dir,
+                                                                        matches_simulation):
+    """DP-FedAvg over gRPC gives federation/simulation.py's bits: the clipped sum, the noise
+    from the documented stream default_rng([seed, round, 2]), ε (dp_fedavg and the
+    accountant are checked by hand above)."""
     port, results = free_port(), tmp_path / "results"
     dp = ["--dp-noise-multiplier", "0.3", "--dp-clipping-norm", "0.5", "--dp-delta", "1e-4"]
-    procs.start("server", "server.py", *server_args(port, data_dir, results, 2), *dp)
+    flags = [*server_args(port, data_dir, results, 2), *dp]
+    procs.start("server", "server.py", *flags)
     for i in range(CLIENTS):
         procs.start(f"client_{i}", "client.py", *client_args(port, data_dir, i))
     codes = {name: procs.wait(name, 150) for name in list(procs.procs)}
@@ -233,31 +209,31 @@ def test_dp_fedavg_over_grpc_matches_the_reference_and_reports_epsilon(procs, tm
     assert "DP-FedAvg: updates clipped to norm 0.5, noise multiplier 0.3" in procs.err("server")
     saved = json.loads((results / "run_config.json").read_text())
     assert saved["dp"] == {"noise_multiplier": 0.3, "clipping_norm": 0.5, "delta": 1e-4}
-    got = load_model(results / "global_model.npz")
-    expected = dp_reference(data_dir, 2, privacy.DPConfig(0.3, 0.5, 1e-4))
-    for (name, a), b in zip(got.items(), expected):
-        assert np.array_equal(a, b), name
+    matches_simulation(results, flags, CLIENTS)
 
 
-def attack_run(procs, tmp_path, data_dir, rule: str) -> float:
-    """Five clients, the last of them a sign-flip attacker, 2 rounds: final accuracy."""
+def attack_run(procs, tmp_path, data_dir, rule: str) -> tuple[float, pathlib.Path, list]:
+    """Five clients, the last of them a sign-flip attacker, 2 rounds: (final accuracy, the
+    results directory, the server's flags)."""
     port, results = free_port(), tmp_path / rule
-    procs.start(f"server_{rule}", "server.py",
-                *server_args(port, data_dir, results, 2, 5), "--aggregation", rule)
+    flags = [*server_args(port, data_dir, results, 2, 5), "--aggregation", rule]
+    procs.start(f"server_{rule}", "server.py", *flags)
     for i in range(5):
         attack = ["--attack", "sign-flip"] if i == 4 else []
         procs.start(f"client_{rule}_{i}", "client.py", *client_args(port, data_dir, i, *attack))
     codes = {name: procs.wait(name, 180) for name in list(procs.procs) if rule in name}
     assert set(codes.values()) == {0}, procs.log(f"server_{rule}")
     assert "ATTACKING the federation with sign-flip (boost 10)" in procs.err(f"client_{rule}_4")
-    return records(results)[-1]["centralized_accuracy"]
+    return records(results)[-1]["centralized_accuracy"], results, flags
 
 
 @pytest.mark.slow
-def test_one_sign_flip_attacker_of_five_breaks_fedavg_but_not_the_median(procs, tmp_path,
-                                                                          data_dir):
-    fedavg = attack_run(procs, tmp_path, data_dir, "fedavg")
-    robust = attack_run(procs, tmp_path, data_dir, "median")
+def test_one_sign_flip_attacker_of_five_breaks_fedavg_but_not_the_median(
+        procs, tmp_path, data_dir, matches_simulation):
+    """... and the median's run with its attacker gives federation/simulation.py's bits."""
+    fedavg, _, _ = attack_run(procs, tmp_path, data_dir, "fedavg")
+    robust, results, flags = attack_run(procs, tmp_path, data_dir, "median")
+    matches_simulation(results, flags, 5, attackers={4: "sign-flip"})
     # Measured on the test data (5 partitions of the 5k digits, 2 rounds): median about
     # 0.8, FedAvg near chance.
     assert robust > 0.7, robust

@@ -9,15 +9,12 @@ exact; from round 2 on the runs train from slightly different models and only st
 
 import math
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_secagg import app_copy  # noqa: E402  (a script beside the tests, not a package)
-from test_federation import load_model, records  # noqa: E402
-from test_flower_app import (CLIENTS, REPO, app_config, app_data,  # noqa: E402,F401
+from test_federation import load_model, records
+from test_flower_app import (CLIENTS, REPO, app_config, app_data,  # noqa: F401
                              flwr_env, flwr_run)
 
 pytestmark = pytest.mark.slow
@@ -76,28 +73,22 @@ def test_secagg_trains_within_the_quantization_error_of_fedavg(flwr_env, app_dat
     assert abs(secagg[2]["centralized_accuracy"] - plain[2]["centralized_accuracy"]) <= 0.01
 
 
-def fedavg_of(data: pathlib.Path, partitions: list[int]) -> dict[str, np.ndarray]:
-    """Round 1 of plain FedAvg over these partitions only, in this process."""
-    import jax  # noqa: PLC0415
+def fedavg_of(data: pathlib.Path, clients: int) -> dict[str, np.ndarray]:
+    """Round 1 of plain FedAvg over partitions 0..clients-1 only, in this process."""
     import model  # noqa: PLC0415
-    from client import round_key  # noqa: PLC0415
-    from federation import shards  # noqa: PLC0415
-    from federation.aggregation import fedavg  # noqa: PLC0415
-    start = model.params_to_ndarrays(model.init_params(jax.random.key(0)))
-    updates = []
-    for p in partitions:
-        part = shards.load_partition(shards.partition_path(data, p))
-        params, _ = model.train(model.ndarrays_to_params(start), part.x_train, part.y_train,
-                                epochs=1, batch_size=32, learning_rate=model.LEARNING_RATE,
-                                key=round_key(0, 1, p))
-        updates.append((model.params_to_ndarrays(params), len(part.x_train)))
-    return {name: a for (name, _), a in zip(model.param_spec(), fedavg(updates))}
+    from federation import shards, simulation  # noqa: PLC0415
+    from federation.server_setup import ServerSettings  # noqa: PLC0415
+    partitions, test_set = shards.load_all(data)
+    settings = ServerSettings(rounds=1, min_clients=clients, local_epochs=1, batch_size=32)
+    result = simulation.run(settings, partitions[:clients], test_set,
+                            federated_evaluation=False)
+    return {name: a for (name, _), a in zip(model.param_spec(), result.arrays)}
 
 
-def test_a_client_dropping_out_mid_round_does_not_stop_secagg(flwr_env, app_data, tmp_path):
+def test_a_client_dropping_out_mid_round_does_not_stop_secagg(flwr_env, app_data, tmp_path,
+                                                              app_copy):
     """Partition 2 fails after the key exchange (tests/secagg_dropout_app.py); the server
     recovers its masks from the other two and averages their models."""
-    # The Flower App, with the test's ClientApp (bench_secagg.py copies it the same way).
     app = app_copy(tmp_path / "app", REPO / "tests" / "secagg_dropout_app.py")
     output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
                                                 **{"num-server-rounds": 2}, **SECAGG), app=app)
@@ -105,9 +96,9 @@ def test_a_client_dropping_out_mid_round_does_not_stop_secagg(flwr_env, app_data
     assert "partition 2 drops out (stage collect_masked_vectors)" in output
     assert [(r["round"], r["clients_fit"], r["failures"]) for r in records(
         tmp_path / "secagg")] == [(0, 0, 0), (1, 2, 1), (2, CLIENTS, 0)], output
-    survivors = fedavg_of(app_data, [0, 1])
+    survivors = fedavg_of(app_data, 2)
     round_1 = load_model(tmp_path / "secagg" / "model_round_1.npz")
     bound = secagg_bound(shard_sizes(app_data)[:2], 8.0, 1.5)
     assert 0 < max_difference(round_1, survivors) <= bound
-    everyone = fedavg_of(app_data, [0, 1, 2])  # what the round would be without the dropout
+    everyone = fedavg_of(app_data, 3)  # what the round would be without the dropout
     assert max_difference(round_1, everyone) > 100 * bound
