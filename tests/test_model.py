@@ -158,6 +158,28 @@ def _train_by_hand(params, images, labels, orders, batch_size, learning_rate,
     return model.params_to_ndarrays(params)
 
 
+def _schedule_before_optax(learning_rate, step, total_steps):
+    """model.local_learning_rate as it was before optax's schedule (issue 21), verbatim:
+    the rates every recipe measurement was made with."""
+    warm = max(1, total_steps // 10)
+    if step < warm:
+        return np.float32(learning_rate * (step + 1) / warm)
+    progress = (step - warm) / (total_steps - warm)  # 0 -> 1 after the warm-up
+    return np.float32(learning_rate * 0.5 * (1.0 + np.cos(np.pi * progress)))
+
+
+@pytest.mark.parametrize("learning_rate", [4e-3, 1e-2, 0.05])
+def test_optax_schedule_gives_the_rates_of_the_hand_written_one_bit_for_bit(learning_rate):
+    """Every local step's rate, for every number of steps up to 40 (the warm-up's
+    boundaries), a client's 3 epochs of 5,400 or 6,000 images, and more than one of
+    model._SCHEDULE_CHUNK."""
+    for total in (*range(1, 41), 507, 564, 2100):
+        expected = [_schedule_before_optax(learning_rate, s, total) for s in range(total)]
+        rates = [model.local_learning_rate(learning_rate, s, total) for s in range(total)]
+        assert all(type(r) is np.float32 for r in rates)
+        np.testing.assert_array_equal(rates, expected, err_msg=f"{total} steps")
+
+
 def test_train_reshuffles_every_epoch_from_fold_in_key_epoch():
     """Two epochs inside train() see two different orders: permutation(fold_in(key, e))."""
     params = model.init_params(jax.random.key(0))
