@@ -12,7 +12,7 @@ hides that move. The privacy accountant turns σ, the sampling rate q and the nu
 rounds into (ε, δ): the guarantee after those rounds.
 
 Flower has this as `DifferentialPrivacyServerSideFixedClipping`, and we do not use it
-here, for three reasons found in its source (flwr 1.41): it drops the whole round if any
+here, for three reasons found in its source (flwr 1.41; unchanged in 1.42): it drops the whole round if any
 client failed (this server saves a round with the clients that answered); it draws its
 noise from NumPy's global, unseeded generator (runs and resumes here are reproducible bit
 for bit); and it averages the clipped models with FedAvg's example weights while sizing

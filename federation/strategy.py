@@ -339,7 +339,7 @@ class CheckedFedAvg(FedAvg):
         the clients whose masked models are in it, and every one of them carries the same
         parameters, the average sum_k n_k w_k / sum_k n_k (float64, dequantized). Their
         num_examples and metrics are their own (SecAgg+ masks only the arrays). `failures`
-        holds an error for each client that dropped out, at any stage, but Flower 1.41
+        holds an error for each client that dropped out, at any stage, but Flower 1.41 and 1.42
         reports a dropout in the masked-model stage twice, and one in the unmask stage,
         whose model is in the average, too: so the round's failures are the sampled
         clients whose model is not in the average.
