@@ -35,6 +35,14 @@ def error_line(capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def assert_refused(parse_args, argv: list[str], message: str, capsys) -> None:
+    """parse_args(argv) exits 2 with `message` as argparse's one error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert error_line(capsys).endswith(f": error: {message}")
+
+
 # ---------------------------------------------------------------- argparse, in process
 
 @pytest.mark.parametrize("argv, message", [
@@ -58,10 +66,7 @@ def error_line(capsys) -> str:
      "argument --results-dir: an empty path (it would mean the current directory); name one"),
 ])
 def test_server_flags(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        server.parse_args(argv)
-    assert exit_info.value.code == 2
-    assert error_line(capsys).endswith(f": error: {message}")
+    assert_refused(server.parse_args, argv, message, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -78,10 +83,7 @@ def test_server_flags(argv, message, capsys):
      "argument --data-dir: an empty path (it would mean the current directory); name one"),
 ])
 def test_client_flags(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        client.parse_args(["--partition", "0", *argv])
-    assert exit_info.value.code == 2
-    assert error_line(capsys).endswith(f": error: {message}")
+    assert_refused(client.parse_args, ["--partition", "0", *argv], message, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -97,10 +99,7 @@ def test_client_flags(argv, message, capsys):
     (["--", "--round-timeout", "inf"], "--round-timeout must be a finite number, got inf"),
 ])
 def test_demo_flags(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        demo.parse_args(argv)
-    assert exit_info.value.code == 2
-    assert error_line(capsys).endswith(f": error: {message}")
+    assert_refused(demo.parse_args, argv, message, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -114,10 +113,7 @@ def test_demo_flags(argv, message, capsys):
      "argument --out-dir: an empty path (it would mean the current directory); name one"),
 ])
 def test_make_certificates_flags(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        make_certificates.parse_args(argv)
-    assert exit_info.value.code == 2
-    assert error_line(capsys).endswith(f": error: {message}")
+    assert_refused(make_certificates.parse_args, argv, message, capsys)
 
 
 # ------------------------------------------------------- unwritable output, in process
