@@ -274,7 +274,6 @@ def test_resume_refuses_other_settings_and_extends_rounds(procs, tmp_path, data_
     port = free_port()
     procs.start("other_lr", "server.py", *server_args(port, data_dir, results, 5),
                 "--learning-rate", "0.5", "--resume")
-    procs.start("done", "server.py", *server_args(port, data_dir, results, 3), "--resume")
     procs.start("fresh", "server.py", *server_args(port, data_dir, tmp_path / "none", 3),
                 "--resume")
     assert procs.wait("other_lr", 60) == 1
@@ -282,6 +281,9 @@ def test_resume_refuses_other_settings_and_extends_rounds(procs, tmp_path, data_
         f"server.py: error: cannot resume {results}: learning_rate was {model.LEARNING_RATE!r}, "
         "now 0.5; "
         "resume with the same settings, or start a new run with --overwrite")
+    # After other_lr: a refused server holds the directory's lock while it checks, so the
+    # two together could see each other as the live run (federation/run_lock.py).
+    procs.start("done", "server.py", *server_args(port, data_dir, results, 3), "--resume")
     assert procs.wait("done", 60) == 0
     assert "already holds round 3 of 3; raise --rounds" in procs.out("done")
     assert procs.wait("fresh", 60) == 1

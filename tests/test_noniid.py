@@ -351,10 +351,11 @@ def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tm
         "adam": (method[:4], "client_optimizer was 'sgd', now 'adam'"),
         "sgd rate": ([*method, "--learning-rate", "0.02"], "learning_rate was 0.01, now 0.02"),
     }
-    for name, (flags, _) in refusals.items():
+    # One at a time: each refused server holds the directory's lock while it checks, so
+    # servers started together would be refused for that instead (federation/run_lock.py).
+    for name, (flags, mismatch) in refusals.items():
         procs.start(name, "server.py", *server_args(free_port(), data_dir, run_dir, 4),
                     *flags, "--resume")
-    for name, (_, mismatch) in refusals.items():
         assert procs.wait(name, 60) == 1, procs.log(name)
         assert last_line(procs.err(name)) == (
             f"server.py: error: cannot resume {run_dir}: {mismatch}; resume with the same "
