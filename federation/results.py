@@ -54,7 +54,7 @@ def resume_mismatch(saved: Mapping, current: Mapping) -> str | None:
 
 
 
-def _write_atomic(path: pathlib.Path, write: Callable[[io.BufferedWriter], None]) -> None:
+def write_atomic(path: pathlib.Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through `write(file)` to a temp file next to path, then os.replace it.
 
     A reader (or a crash) sees the old file or the new one, never half of one.
@@ -146,7 +146,7 @@ class ResultsDir:
         """Write run_config.json."""
         self.root.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config, indent=2) + "\n"
-        _write_atomic(self.root / "run_config.json", lambda f: f.write(text.encode()))
+        write_atomic(self.root / "run_config.json", lambda f: f.write(text.encode()))
 
     def save_round(self, records: Sequence[Mapping], arrays: Arrays,
                    server_state: Mapping[str, np.ndarray] | None = None) -> None:
@@ -156,14 +156,14 @@ class ResultsDir:
         named = dict(zip(self.array_names, arrays, strict=True))
         self.root.mkdir(parents=True, exist_ok=True)
         if server_state is not None:
-            _write_atomic(self.server_state_path(server_round),
+            write_atomic(self.server_state_path(server_round),
                           lambda f: np.savez(f, **server_state))
         for path in (self.model_path(server_round), self.root / "global_model.npz"):
-            _write_atomic(path, lambda f: np.savez(f, **named))
+            write_atomic(path, lambda f: np.savez(f, **named))
         clean = [saved_record(r) for r in records]
         text = json.dumps(clean, indent=2) + "\n"
-        _write_atomic(self.root / "metrics.csv", lambda f: f.write(metrics_csv(clean).encode()))
-        _write_atomic(self.root / "metrics.json", lambda f: f.write(text.encode()))
+        write_atomic(self.root / "metrics.csv", lambda f: f.write(metrics_csv(clean).encode()))
+        write_atomic(self.root / "metrics.json", lambda f: f.write(text.encode()))
         # Committed: older optimizer states are never resumed from (only the newest round
         # is), and each is twice the model's size.
         for path in self.root.glob("server_optimizer_round_*.npz"):

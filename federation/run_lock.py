@@ -33,9 +33,10 @@ import pathlib
 import shlex
 import socket
 import sys
-import uuid
 
 import filelock
+
+from federation.results import write_atomic
 
 OWNER_FILE = ".run_owner.json"
 COMMAND_CHARS = 160  # a refusal quotes the live command line up to this length
@@ -150,13 +151,8 @@ def _write_owner(path: pathlib.Path) -> None:
              "command": shlex.join(sys.orig_argv),
              "started": datetime.datetime.now(datetime.timezone.utc).strftime(
                  "%Y-%m-%d %H:%M:%S UTC")}
-    tmp = path / f".{OWNER_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.write_text(json.dumps(owner) + "\n")
-        os.replace(tmp, path / OWNER_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(owner) + "\n"
+    write_atomic(path / OWNER_FILE, lambda f: f.write(text.encode()))
 
 
 @atexit.register

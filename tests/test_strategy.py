@@ -152,7 +152,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
     """A real fault in the middle of a write (here: the writer raises after half the
     bytes, as a full disk would): the file still holds the old bytes, no temp is left."""
     path = tmp_path / "metrics.json"
-    results._write_atomic(path, lambda f: f.write(b'[{"round": 0}]\n'))
+    results.write_atomic(path, lambda f: f.write(b'[{"round": 0}]\n'))
 
     def half_then_fail(f):
         f.write(b'[{"round": 0}, {"rou')
@@ -160,7 +160,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        results._write_atomic(path, half_then_fail)
+        results.write_atomic(path, half_then_fail)
     assert path.read_bytes() == b'[{"round": 0}]\n'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
