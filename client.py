@@ -2,336 +2,38 @@
 
 In FedAvg (McMahan et al. 2017) every client starts a round from the server's global
 model, trains it for a few epochs on data that never leaves the client, and sends back
-only the new weights and its number of training examples. This file is that client:
+only the new weights and its number of training examples. This file runs that client:
 
-- MnistClient, a flwr.client.NumPyClient built from one Partition and a seed. It holds
-  no Flower plumbing beyond fit/evaluate, so a Flower ClientApp can wrap it unchanged.
-- run_client, which connects to server.py over gRPC, waiting (with backoff) for a server
-  that is not up yet or that went away, for up to --max-wait seconds. A TLS mismatch
-  (no CA, wrong CA, or a CA for a plaintext server) is reported at once instead.
+- MnistClient (federation/mnist_client.py), a flwr.client.NumPyClient built from the
+  shard of --partition and a seed; client_app.py wraps the same class unchanged.
+- run_client (federation/grpc_client.py), which connects to server.py over gRPC,
+  waiting (with backoff) for a server that is not up yet or that went away, for up to
+  --max-wait seconds. A TLS mismatch (no CA, wrong CA, or a CA for a plaintext server)
+  is reported at once instead.
 
     python client.py --partition 0        # one per partition, before or after server.py
     python client.py --partition 9 --attack sign-flip   # a poisoning client (README Part 5)
 """
 
 import argparse
-import logging
 import os
-import pathlib
 import signal
-import socket
-import ssl
 import sys
 import time
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 
-import grpc
-import jax
-import numpy as np
-from flwr.client import NumPyClient, start_client
-from flwr.common import Scalar, log
+from flwr.common import log
 from flwr.common.logger import update_console_handler
 
-import model
-from federation import attacks, cli, compile_cache, local_training, memory, shards
-# The key rule and the evaluation batch live with the client's computation, which
-# simulation.py shares; imported here under the names client.py has always had.
-from federation.local_training import eval_batch_size, round_key
+from federation import attacks, cli, compile_cache, memory, shards
+from federation.grpc_client import (
+    ConnectionProblem,
+    ServerUnreachable,
+    load_root_certificate,
+    run_client,
+)
+from federation.mnist_client import MnistClient, load_client_data
 
-
-class MnistClient(NumPyClient):
-    """Trains and evaluates the global model on one partition (a NumPyClient).
-
-    An exception in training or evaluation is not allowed to kill the process: it is
-    sent to the server as a result carrying metrics["error"], which the server rejects
-    and logs as a failure, and the client stays up for the next round.
-
-    attack (None, or one of attacks.ATTACKS) makes it a poisoning client, for measuring
-    the server's robust aggregation rules; it says so in its log every round.
-    """
-
-    def __init__(self, data: shards.Partition, partition: int, seed: int,
-                 attack: str | None = None, attack_boost: float = 10.0) -> None:
-        if attack is not None and attack not in attacks.ATTACKS:
-            raise ValueError(f"unknown attack {attack!r}; known: {', '.join(attacks.ATTACKS)}")
-        self.data = data
-        self.partition = partition
-        self.seed = seed
-        self.attack, self.attack_boost = attack, attack_boost
-        self.eval_batch_size = eval_batch_size(len(data.x_val))
-        self.refused: str | None = None  # why the server refused this client, if it did
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """Say which partition this client trains: the server admits one client per partition
-        (gRPC path) and samples clients by partition (every transport).
-
-        A server that refuses the client says why in config["refused"], then ends the
-        session; run_client reports it.
-        """
-        if "refused" in config:
-            self.refused = str(config["refused"])
-            return {}
-        return {"partition": self.partition}
-
-    def warm_up(self, batch_size: int = model.BATCH_SIZE) -> None:
-        """Compile local training and evaluation now rather than inside round 1.
-
-        XLA compiles once per process and input shape (or loads the program from the
-        persistent cache, federation/compile_cache.py). This compiles what fit() and
-        evaluate() run, without training: the training and evaluation steps on one
-        masked batch each (model.compile_steps), and this shard's shuffle. A --batch-size
-        or --client-optimizer from the server other than the defaults compiles again in
-        round 1 (or loads from the persistent cache).
-        """
-        model.compile_steps(batch_size, self.eval_batch_size)
-        model.epoch_order(round_key(self.seed, 0, self.partition), 0, len(self.data.x_train))
-
-    def fit(self, parameters: list[np.ndarray],
-            config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """Train the global model; return (weights, #training examples, metrics)."""
-        try:
-            return self.train_round(parameters, config)
-        except Exception as e:  # pylint: disable=broad-except  # report, stay up
-            log(ERROR, "training failed; reporting it to the server", exc_info=e)
-            return [], 0, {"partition": self.partition, "error": f"{type(e).__name__}: {e}"}
-
-    def train_round(self, parameters: list[np.ndarray],
-                    config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """One round of local training with the settings the server sent."""
-        local_training.check_fit_config(config)
-        server_round, epochs = int(config["server_round"]), int(config["local_epochs"])
-        log(INFO, "round %d: training %d epoch(s) on %d examples", server_round, epochs,
-            len(self.data.x_train))
-        if self.attack is not None:
-            log(WARNING, "round %d: ATTACKING the federation with %s%s", server_round,
-                self.attack, f" (boost {self.attack_boost:g})" if self.attack == "sign-flip"
-                else "")
-        start = time.perf_counter()
-        arrays, num_examples, metrics = local_training.fit(
-            self.data, parameters, config, seed=self.seed, partition=self.partition,
-            attack=self.attack, attack_boost=self.attack_boost)
-        log(INFO, "round %d: train loss %.4f, accuracy %.2f%% (%.1f s)", server_round,
-            metrics["train_loss"], 100 * metrics["train_accuracy"], time.perf_counter() - start)
-        return arrays, num_examples, metrics
-
-    def evaluate(self, parameters: list[np.ndarray],
-                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Loss and accuracy of the global model on this partition's validation split."""
-        try:
-            loss, num_examples, metrics = local_training.evaluate(self.data, parameters,
-                                                                  self.partition)
-        except Exception as e:  # pylint: disable=broad-except  # report, stay up
-            log(ERROR, "evaluation failed; reporting it to the server", exc_info=e)
-            return 0.0, 0, {"partition": self.partition, "error": f"{type(e).__name__}: {e}"}
-        log(INFO, "round %s: validation loss %.4f, accuracy %.2f%%",
-            config.get("server_round", "?"), loss, 100 * metrics["accuracy"])
-        return loss, num_examples, metrics
-
-
-# -------------------------------------------------------------------------- data
-
-def load_client_data(data_dir: str | os.PathLike, partition: int) -> shards.Partition:
-    """This client's shard, with a one-line DataError for every way it can be unusable.
-
-    With a manifest.json beside it, the shard must be the one the manifest describes (its
-    SHA-256); a shard with fewer than two labels loads with a one-line warning.
-    """
-    num_partitions = manifest = None
-    if shards.manifest_path(data_dir).exists():
-        manifest = shards.load_manifest(data_dir)
-        num_partitions = manifest["num_partitions"]
-    if partition < 0 or (num_partitions is not None and partition >= num_partitions):
-        known = f"0..{num_partitions - 1}" if num_partitions else "0 or more"
-        raise shards.DataError(f"--partition {partition} is out of range: {data_dir} holds "
-                               f"partitions {known}")
-    path = shards.partition_path(data_dir, partition)
-    if not path.exists():
-        raise shards.DataError(f"{path} not found: create the shards with partition_data.py "
-                               "or point --data-dir at them")
-    data = shards.load_partition(path)  # first: an unreadable file is said to be one
-    if manifest is not None:
-        shards.check_shard_hash(path, manifest)
-    labels = np.unique(data.y_train)
-    if len(labels) < 2:
-        # It still trains: a client that sees one class can be real (extreme label skew).
-        log(WARNING, "partition %d: all %d training examples have label %d; this client "
-            "can only teach the model that one class", partition, len(data.y_train), labels[0])
-    return data
-
-
-# -------------------------------------------------------------------- connection
-
-class ServerUnreachable(Exception):
-    """No gRPC connection to the server could be made within --max-wait."""
-
-
-class ConnectionProblem(Exception):
-    """The server cannot be used with these settings (TLS mismatch, refused partition)."""
-
-
-def load_root_certificate(path: str) -> bytes:
-    """The PEM CA certificate at path; ConnectionProblem (one line) if it is not one."""
-    try:
-        pem = pathlib.Path(path).read_bytes()
-    except OSError as e:
-        raise ConnectionProblem(f"--root-certificate: {e.strerror}: {path}") from None
-    try:
-        if b"-----BEGIN CERTIFICATE-----" not in pem:
-            raise ValueError("no PEM certificate in it")
-        ssl.create_default_context(cadata=pem.decode("ascii"))
-    except (ValueError, ssl.SSLError) as e:  # UnicodeDecodeError is a ValueError
-        raise ConnectionProblem(f"--root-certificate {path} is not a PEM CA certificate "
-                                f"({e}); use ca.crt from make_certificates.py") from None
-    return pem
-
-
-def _tls_handshake(host: str, port: int, context: ssl.SSLContext,
-                   timeout: float) -> bytes | None:
-    """The server's certificate (DER) after one TLS handshake, or None if it has no TLS.
-
-    Raises OSError if nobody answers, ssl.SSLCertVerificationError if `context` rejects
-    the certificate.
-    """
-    context.set_alpn_protocols(["h2"])  # as gRPC does: its server rejects TLS without it
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host) as tls:
-                return tls.getpeercert(binary_form=True)
-    except ssl.SSLCertVerificationError:
-        raise
-    except (ssl.SSLError, ConnectionResetError):
-        return None  # it answered, but not with TLS (a plaintext gRPC server hangs up)
-
-
-def _signed_by(certificate_der: bytes, ca_pem: bytes) -> bool:
-    """Whether a CA certificate in ca_pem signed the certificate."""
-    from cryptography import x509  # noqa: PLC0415  (a dependency of flwr; TLS only)
-    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
-    certificate = x509.load_der_x509_certificate(certificate_der)
-    for ca in x509.load_pem_x509_certificates(ca_pem):
-        try:
-            certificate.verify_directly_issued_by(ca)
-            return True
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-    return False
-
-
-def tls_problem(address: str, root_certificates: bytes | None, root_name: str,
-                timeout: float = 5.0) -> str | None:
-    """Why this client's TLS setting cannot work with the server at address, or None.
-
-    gRPC reports a failed handshake only as "not ready", which looks the same as a
-    server that is down; it retries, and both sides log an error each time. Python's ssl
-    module tells exactly what is wrong, so ask it first. The first handshake verifies
-    nothing (so the server sees a normal handshake, not a rejected one, and logs
-    nothing); the certificate it returns is then checked against the CA. None also when
-    nobody listens or the answer is unclear: the gRPC connection then decides.
-    """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
-    try:
-        certificate = _tls_handshake(host, int(port), unverified, timeout)
-    except (OSError, ValueError):
-        return None  # nobody listens (yet), or it does not answer: let gRPC decide
-    if certificate is None:
-        return (f"the server at {address} does not use TLS: drop --root-certificate, or "
-                "start server.py with --certificates" if root_certificates else None)
-    if root_certificates is None:
-        return (f"the server at {address} uses TLS: pass --root-certificate with the CA "
-                "that signed its certificate (ca.crt from make_certificates.py)")
-    if not _signed_by(certificate, root_certificates):
-        return (f"the server at {address} uses TLS and its certificate is not signed by "
-                f"{root_name} (pass the ca.crt from the server's make_certificates.py)")
-    try:  # signed by our CA; what gRPC also checks: the host name and the dates
-        _tls_handshake(host, int(port),
-                       ssl.create_default_context(cadata=root_certificates.decode("ascii")),
-                       timeout)
-    except ssl.SSLCertVerificationError as e:
-        return f"the certificate of the server at {address} is not valid: {e.verify_message}"
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def wait_for_server(address: str, root_certificates: bytes | None, max_wait: float,
-                    root_name: str = "--root-certificate") -> None:
-    """Return once a gRPC channel to address is ready; retry with backoff up to max_wait s.
-
-    Flower's grpc-bidi client (start_client) fails at once when nobody listens: its
-    max_retries/max_wait_time are ignored by that transport. Hence this probe. Raises
-    ConnectionProblem at once on a TLS mismatch (see tls_problem).
-    """
-    start, delay = time.monotonic(), 0.25
-    while True:
-        problem = tls_problem(address, root_certificates, root_name)
-        if problem:
-            raise ConnectionProblem(problem)
-        credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
-        channel = (grpc.secure_channel(address, credentials) if credentials
-                   else grpc.insecure_channel(address))
-        try:
-            remaining = max_wait - (time.monotonic() - start)
-            grpc.channel_ready_future(channel).result(timeout=max(min(delay, remaining), 0.01))
-            if delay > 0.25:
-                log(INFO, "server %s answered after %.1f s", address, time.monotonic() - start)
-            return
-        except grpc.FutureTimeoutError:
-            pass
-        finally:
-            channel.close()
-        if time.monotonic() - start >= max_wait:
-            raise ServerUnreachable(
-                f"no server answered at {address} within {max_wait:g} s (is server.py running? "
-                "with TLS, does --root-certificate match the server's --certificates?)")
-        if delay == 0.25:
-            log(INFO, "waiting for the server at %s (up to %g s)", address, max_wait)
-        delay = min(2 * delay, 2.0)
-
-
-class _Once(logging.Filter):
-    """Lets through the first record whose message starts with `prefix`, drops the rest."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix, self.seen = prefix, False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False for a repeat of the prefixed message."""
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        seen, self.seen = self.seen, True
-        return not seen
-
-
-def run_client(client: MnistClient, server_address: str, root_certificates: bytes | None,
-               max_wait: float, root_name: str = "--root-certificate") -> None:
-    """Serve the server until it ends the run; reconnect if the connection breaks.
-
-    A server that is restarted (e.g. with --resume) within max_wait seconds gets this
-    client back; the client is stateless between rounds, so nothing is lost. Raises
-    ConnectionProblem if the server refuses this client or the TLS settings differ.
-    """
-    # start_client logs its deprecation banner on every call, i.e. on every reconnect.
-    logging.getLogger("flwr").addFilter(_Once("DEPRECATED FEATURE"))
-    while True:
-        wait_for_server(server_address, root_certificates, max_wait, root_name)
-        try:
-            start_client(server_address=server_address, client=client.to_client(),
-                         root_certificates=root_certificates)
-            # The server sent "reconnect: never": the run is over, or we were refused.
-            if client.refused:
-                raise ConnectionProblem(f"the server at {server_address} refused this "
-                                        f"client: {client.refused}")
-            return
-        except grpc.RpcError as e:
-            code = e.code().name if hasattr(e, "code") else type(e).__name__
-            log(WARNING, "lost the server (%s); reconnecting for up to %g s", code, max_wait)
-
-
-# --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""

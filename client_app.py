@@ -1,4 +1,4 @@
-"""The Flower ClientApp: client.py's MnistClient, run by a SuperNode or the Simulation Engine.
+"""The Flower ClientApp: MnistClient (federation/), run by a SuperNode or the Simulation Engine.
 
 Each node holds one partition. `client_fn` reads which one from the node config:
 `partition-id` (the Simulation Engine sets it for virtual node i to i; a real SuperNode
@@ -22,8 +22,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
 from flwr.compat.common import recorddict_compat
 
-from client import MnistClient, load_client_data
 from federation import compile_cache, shards
+from federation.mnist_client import MnistClient, load_client_data
 
 
 def client_fn(context: Context) -> Client:

@@ -5,7 +5,8 @@ global model and the local-training settings to the clients, checks and averages
 they send back (weighted by their number of examples), evaluates the new global model on
 the held-out test set (centralized) and on every client's validation split (federated),
 and saves it all to --results-dir. The algorithm lives in federation/ (strategy.py, and
-server_setup.py, which server_app.py shares); this file is the command line around it.
+server_setup.py, which server_app.py shares), the gRPC plumbing (certificates, the port,
+signals) in federation/grpc_server.py; this file is the command line around it.
 
     python server.py                        # 5 rounds, waits for 10 clients on port 8080
     python server.py --rounds 8 --resume    # continue a stopped (or finished) run
@@ -33,24 +34,27 @@ The server optimizer and its settings must match too; its state is part of the c
 """
 
 import argparse
-import errno
 import logging
 import pathlib
 import signal
-import socket
 import sys
 from logging import INFO
 
 from flwr.common import log
 from flwr.common.logger import update_console_handler
-from flwr.server import Server, ServerConfig, start_server
-from flwr.server.history import History
+from flwr.server import ServerConfig, start_server
 from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 
 import model
 from federation import cli, compile_cache, memory, shards
 from federation.aggregation import RULES
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
+from federation.grpc_server import (
+    Interrupted,
+    InterruptibleServer,
+    listen_problem,
+    load_certificates,
+)
 from federation.server_setup import (
     ServerSettings,
     SetupError,
@@ -58,85 +62,6 @@ from federation.server_setup import (
     build_strategy,
 )
 from federation.strategy import CheckedFedAvg
-
-CERTIFICATE_FILES = ("ca.crt", "server.pem", "server.key")  # as make_certificates.py writes
-
-
-def load_certificates(directory: str | None) -> tuple[bytes, bytes, bytes] | None:
-    """(CA certificate, server certificate, server key) from a make_certificates.py dir."""
-    if directory is None:
-        return None
-    paths = [pathlib.Path(directory) / name for name in CERTIFICATE_FILES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SetupError(f"--certificates: {', '.join(missing)} not found "
-                         "(create them with make_certificates.py)")
-    pems = tuple(p.read_bytes() for p in paths)
-    problem = certificates_problem(*pems)
-    if problem:
-        raise SetupError(f"--certificates {directory}: {problem} (create them with "
-                         "make_certificates.py)")
-    return pems  # type: ignore[return-value]
-
-
-def certificates_problem(ca: bytes, certificate: bytes, key: bytes) -> str | None:
-    """Why the three PEM files cannot serve TLS, or None.
-
-    gRPC reads them only once the server starts, and then fails with a traceback (or
-    a bare "SSL_CTX_use_PrivateKey" log line): `cryptography`, a dependency of Flower,
-    says which file is wrong first.
-    """
-    from cryptography import x509  # noqa: PLC0415  (TLS only)
-    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    try:
-        x509.load_pem_x509_certificates(ca)
-    except ValueError:
-        return f"{CERTIFICATE_FILES[0]} is not a PEM certificate"
-    try:
-        server_certificate = x509.load_pem_x509_certificate(certificate)
-    except ValueError:
-        return f"{CERTIFICATE_FILES[1]} is not a PEM certificate"
-    try:
-        private_key = serialization.load_pem_private_key(key, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: it has a passphrase
-        return f"{CERTIFICATE_FILES[2]} is not an unencrypted PEM private key"
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (private_key.public_key().public_bytes(serialization.Encoding.PEM, public)
-            != server_certificate.public_key().public_bytes(serialization.Encoding.PEM, public)):
-        return f"{CERTIFICATE_FILES[2]} is not the private key of {CERTIFICATE_FILES[1]}"
-    return None
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived during the run; args[0] is the signal number.
-
-    A BaseException, like KeyboardInterrupt: the handler raises it wherever the main
-    thread is, and an `except Exception` there (logging's emit has one) must not swallow
-    it, or the server would carry on after the signal.
-    """
-
-    saved = "no round was saved"  # set by run(), which knows the strategy
-
-
-class InterruptibleServer(Server):
-    """Flower's Server, but SIGINT/SIGTERM stop it with an exception, not exit status 0.
-
-    start_server installs handlers that log "terminated gracefully" and exit 0, the same
-    as a finished run, and offers no way to change that; it calls fit() after installing
-    them, so the handlers set here replace them for the whole run.
-    """
-
-    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        """Run the rounds with our signal handlers in place."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._interrupt)
-        return super().fit(num_rounds, timeout)
-
-    def _interrupt(self, signum: int, _frame: object) -> None:
-        """Close every client stream (so no round waits on one), then unwind the run."""
-        self.client_manager().disconnect_all()
-        raise Interrupted(signum)
 
 
 def last_saved(strategy: CheckedFedAvg) -> str:
@@ -161,28 +86,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
         dp_delta=args.dp_delta,
         transport={"address": args.address, "certificates": args.certificates})
-
-
-def listen_problem(address: str) -> str | None:
-    """Why nothing can listen on address, other than the port being in use, or None.
-
-    start_server says "port ... already in use" for every failure to listen, also for a
-    host that is not an address of this machine: a plain bind says which it is.
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        return f"cannot listen on {address}: the host is unknown ({e.strerror})"
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(sockaddr)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                return f"cannot listen on {address}: {e.strerror}"
-    return None
 
 
 def run(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """What a client computes in one round, free of Flower and of I/O: train the global model on
 its partition, or evaluate it there.
 
-client.py's MnistClient (over gRPC, and inside the ClientApp) and simulation.py (the whole
+mnist_client.py's MnistClient (over gRPC, and inside the ClientApp) and simulation.py (the whole
 federation in one process) both call these functions, so a client trains with the same
 PRNG key, settings and attack in either, and the two give the same bits.
 """

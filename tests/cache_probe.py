@@ -19,9 +19,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import client  # noqa: E402
 import model  # noqa: E402
 from federation import compile_cache, shards  # noqa: E402
+from federation.mnist_client import MnistClient  # noqa: E402
 
 counts = {"requests": 0, "hits": 0, "compiled": 0}
 EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
@@ -50,13 +50,13 @@ def main() -> None:
     data = shards.Partition(images[:60], labels[:60], images[60:], labels[60:])
     compile_cache.enable(args.jax_cache)
     with compile_cache.compiling("client warm-up"):
-        client.MnistClient(data, 0, 0).warm_up()
+        MnistClient(data, 0, 0).warm_up()
     warm_up_compiles, warm_up_hits, warm_up_requests = (
         counts["compiled"], counts["hits"], counts["requests"])
     # Round 1 as the server would send it: nothing left to compile (or to load).
     arrays = model.params_to_ndarrays(model.init_params(jax.random.key(0)))  # the server's
     before = counts["compiled"] + counts["hits"]
-    c = client.MnistClient(data, 0, 0)
+    c = MnistClient(data, 0, 0)
     config = {"server_round": 1, "local_epochs": 2, "batch_size": model.BATCH_SIZE,
               "learning_rate": model.LEARNING_RATE}
     c.evaluate(c.fit(arrays, config)[0], config)

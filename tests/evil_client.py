@@ -1,6 +1,6 @@
 """A misbehaving client for the federation tests: client.py, but its updates are corrupt.
 
-It runs the real Flower client (client.MnistClient through client.run_client) and only
+It runs the real Flower client (MnistClient through run_client, from federation/) and only
 replaces local training with one corruption per round, cycling through --mode:
 
   shape     first array has the wrong shape         dtype     first array is float64
@@ -22,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import client  # noqa: E402  (the repo root is only on sys.path after the line above)
+from federation.grpc_client import run_client  # noqa: E402
+from federation.mnist_client import MnistClient, load_client_data  # noqa: E402
 
 MODES = ("shape", "dtype", "count", "nan", "inf", "norm", "negative", "huge", "error", "sleep")
 
@@ -48,7 +50,7 @@ def corrupt(mode: str, arrays: list[np.ndarray], num_examples: int) -> tuple[lis
     return arrays, num_examples
 
 
-class EvilClient(client.MnistClient):
+class EvilClient(MnistClient):
     """MnistClient whose train_round returns the global model, corrupted."""
 
     def __init__(self, *args, modes: list[str], **kwargs) -> None:
@@ -77,9 +79,9 @@ def main() -> None:
     if not set(modes) <= set(MODES):
         p.error(f"unknown mode in {args.mode!r}")
     cargs = client.parse_args(rest)
-    data = client.load_client_data(cargs.data_dir, cargs.partition)
-    client.run_client(EvilClient(data, cargs.partition, cargs.seed, modes=modes),
-                      cargs.server_address, None, cargs.max_wait)
+    data = load_client_data(cargs.data_dir, cargs.partition)
+    run_client(EvilClient(data, cargs.partition, cargs.seed, modes=modes),
+               cargs.server_address, None, cargs.max_wait)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import partition_data
 import plot_results
 import server
 import server_app
-from federation import cli, shards
+from federation import cli, grpc_server, shards, tls
 from federation.results import ResultsDir
 from federation.server_setup import ServerSettings, SetupError, build_strategy, run_config
 from test_federation import ENV, REPO, free_port
@@ -171,9 +171,9 @@ def test_number_type_refuses_what_no_setting_can_use(text):
 def test_a_nonlocal_address_is_not_reported_as_a_port_in_use():
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine. Binding to
     # it sends nothing anywhere.
-    assert server.listen_problem("192.0.2.1:8080") == (
+    assert grpc_server.listen_problem("192.0.2.1:8080") == (
         "cannot listen on 192.0.2.1:8080: Cannot assign requested address")
-    assert server.listen_problem(f"127.0.0.1:{free_port()}") is None
+    assert grpc_server.listen_problem(f"127.0.0.1:{free_port()}") is None
 
 
 # --------------------------------------------------------- the Flower App's run config
@@ -223,7 +223,7 @@ def test_certificates_that_cannot_serve_tls_are_one_line(tmp_path, damage, messa
     certificates = tmp_path / "certs"
     make_certificates.write_certificates(certificates, ["localhost"], 1)
     if damage == "garbage":
-        for name in server.CERTIFICATE_FILES:
+        for name in tls.CERTIFICATE_FILES:
             (certificates / name).write_text("garbage\n")
     elif damage == "garbage_key":
         (certificates / "server.key").write_bytes(b"\x00" * 64)
@@ -231,7 +231,7 @@ def test_certificates_that_cannot_serve_tls_are_one_line(tmp_path, damage, messa
         make_certificates.write_certificates(tmp_path / "other", ["localhost"], 1)
         (certificates / "server.key").write_bytes((tmp_path / "other" / "server.key").read_bytes())
     with pytest.raises(SetupError) as error:
-        server.load_certificates(str(certificates))
+        grpc_server.load_certificates(str(certificates))
     assert str(error.value) == (f"--certificates {certificates}: {message} (create them with "
                                 "make_certificates.py)")
 
@@ -245,7 +245,7 @@ def test_bad_input_to_real_processes_writes_nothing(tmp_path, data_dir):
     results = tmp_path / "results"
     garbage = tmp_path / "garbage"
     garbage.mkdir()
-    for name in server.CERTIFICATE_FILES:
+    for name in tls.CERTIFICATE_FILES:
         (garbage / name).write_text("garbage\n")
     port = free_port()
     common = ["--data-dir", data_dir, "--results-dir", results, "--min-clients", "2",

@@ -328,9 +328,9 @@ def test_resume_refuses_other_data_and_another_model(procs, tmp_path, data_dir, 
 # ----------------------------------------------------------------- client errors
 
 def test_client_reports_a_training_exception_instead_of_crashing(data_dir):
-    import client  # noqa: PLC0415
     from federation import shards  # noqa: PLC0415
-    c = client.MnistClient(shards.load_partition(shards.partition_path(data_dir, 0)), 0, 0)
+    from federation.mnist_client import MnistClient  # noqa: PLC0415
+    c = MnistClient(shards.load_partition(shards.partition_path(data_dir, 0)), 0, 0)
     config = {"server_round": 1, "local_epochs": 1, "batch_size": 32, "learning_rate": 1e-3}
     arrays, n, metrics = c.fit([np.zeros(3, np.float32)], config)  # not the model's arrays
     assert (arrays, n, metrics["partition"]) == ([], 0, 0)
@@ -341,7 +341,7 @@ def test_client_reports_a_training_exception_instead_of_crashing(data_dir):
 
 def documented_key(seed: int, server_round: int, partition: int):
     """The README's rule for a client's PRNG key, written out: fold_in(fold_in(key(seed),
-    round), partition). Tests derive keys here, not with client.round_key."""
+    round), partition). Tests derive keys here, not with local_training.round_key."""
     import jax  # noqa: PLC0415
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), server_round),
                               partition)
@@ -351,9 +351,9 @@ def test_every_client_and_round_shuffles_with_its_own_key():
     """MnistClient.fit trains with the documented key of its (seed, round, partition):
     the same shard on partitions 0, 1, 2 in rounds 1, 2 gives six different models."""
     import jax  # noqa: PLC0415
-    import client  # noqa: PLC0415
     import model  # noqa: PLC0415
     from federation import shards  # noqa: PLC0415
+    from federation.mnist_client import MnistClient  # noqa: PLC0415
     rng = np.random.default_rng(0)
     images = np.where(rng.random((50, 28, 28)) < 0.13, 255, 0).astype(np.uint8)
     labels = rng.integers(0, 10, 50).astype(np.int32)
@@ -363,7 +363,7 @@ def test_every_client_and_round_shuffles_with_its_own_key():
     models = {}
     for server_round in (1, 2):
         for partition in (0, 1, 2):
-            arrays, n, _ = client.MnistClient(data, partition, 7).fit(
+            arrays, n, _ = MnistClient(data, partition, 7).fit(
                 start, {**config, "server_round": server_round})
             expected, _ = model.train(model.ndarrays_to_params(start), data.x_train,
                                       data.y_train, epochs=1, batch_size=32,
