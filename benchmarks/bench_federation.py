@@ -36,9 +36,9 @@ from _common import free_port, peak_rss_mib  # benchmarks/ is on sys.path (this 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import client  # noqa: E402  (repo root is on sys.path only after the line above)
-import model  # noqa: E402
+import model  # noqa: E402  (repo root is on sys.path only after the line above)
 from federation import shards, simulation  # noqa: E402
+from federation.mnist_client import MnistClient  # noqa: E402
 from federation.results import ResultsDir  # noqa: E402
 from federation.server_setup import ServerSettings  # noqa: E402
 
@@ -91,7 +91,7 @@ def run_single_process(data_dir: pathlib.Path,
     start = time.perf_counter()
     parts, test_set = shards.load_all(data_dir)
     parts = parts[:args.clients]
-    client.MnistClient(parts[0], 0, 0).warm_up(args.batch_size)
+    MnistClient(parts[0], 0, 0).warm_up(args.batch_size)
     settings = ServerSettings(rounds=args.rounds, min_clients=args.clients,
                               local_epochs=args.local_epochs, batch_size=args.batch_size)
     setup = []

@@ -67,12 +67,13 @@ def probe(role: str, data_dir: str, jax_cache: str) -> None:
 
     from federation import compile_cache  # noqa: PLC0415
     if role == "client":
-        import client  # noqa: PLC0415  (jax, optax, flwr.client, grpc)
+        import client  # noqa: PLC0415, F401  (what client.py imports: jax, optax, flwr.client, grpc)
+        from federation import mnist_client  # noqa: PLC0415
         step("imports")
-        data = client.load_client_data(data_dir, 0)
+        data = mnist_client.load_client_data(data_dir, 0)
         step("data")
         compile_cache.enable(jax_cache)
-        c = client.MnistClient(data, 0, 0)
+        c = mnist_client.MnistClient(data, 0, 0)
         with compile_cache.compiling("client warm-up"):
             c.warm_up()
         step("warm-up")
