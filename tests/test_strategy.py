@@ -14,7 +14,8 @@ from flwr.common import (Code, EvaluateRes, FitIns, FitRes, GetPropertiesRes, St
                          ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 
-from federation import aggregation, client_manager, results, strategy, validation
+from federation import (aggregation, client_manager, results, run_record, secure_aggregation,
+                        strategy, validation)
 
 GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
 NAMES = ["dense/w", "dense/b"]
@@ -214,11 +215,11 @@ def test_resume_mismatch_names_the_setting():
 
 def test_progress_lines():
     r0 = {"round": 0, "centralized_accuracy": 0.098, "centralized_loss": 2.30258}
-    assert strategy.progress_line(r0, 5) == (
+    assert run_record.progress_line(r0, 5) == (
         "round 0/5  accuracy  9.80%  loss 2.3026  (initial global model)")
     r1 = {"round": 1, "centralized_accuracy": 0.91234, "centralized_loss": 0.28712,
           "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}
-    assert strategy.progress_line(r1, 5) == (
+    assert run_record.progress_line(r1, 5) == (
         "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)")
 
 
@@ -468,7 +469,7 @@ def _secure_round(tmp_path, fit_results, failures, lines):
     s.evaluate(0, params)
     s.configure_fit(1, params, manager)
     new, _ = s.aggregate_fit(1, [(None, r) for r in fit_results], failures)
-    s.record_unaggregated_round()  # what server_app does after every SecAgg+ fit round
+    secure_aggregation.record_unaggregated_round(s.round_record)  # what server_app does after every SecAgg+ fit round
     s.evaluate(1, new if new is not None else params)
     s.configure_evaluate(1, new, manager)
     s.aggregate_evaluate(1, [], [])
@@ -520,7 +521,7 @@ def test_a_secure_round_that_gave_up_is_recorded_as_failed(tmp_path, caplog):
     params = s.initialize_parameters(manager)
     s.evaluate(0, params)
     s.configure_fit(1, params, manager)  # ... and SecAgg+ stops: no aggregate_fit
-    s.record_unaggregated_round()
+    secure_aggregation.record_unaggregated_round(s.round_record)
     s.evaluate(1, params)
     s.configure_evaluate(1, params, manager)
     s.aggregate_evaluate(1, [], [])
