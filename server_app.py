@@ -11,7 +11,8 @@ pyproject.toml, overridden with `--run-config`) into a ServerSettings and leaves
 With `secagg = true` the rounds run through Flower's SecAgg+ workflow (Bonawitz et al.
 2017, "Practical Secure Aggregation for Privacy-Preserving Machine Learning"; SecAgg+:
 Bell et al. 2020): the clients mask their models so that the server learns only their
-weighted sum (client_app.py switches the clients' side on from the same key).
+weighted sum (federation/secure_aggregation.py; client_app.py switches the clients' side
+on from the same key).
 
     flwr run . --run-config "secagg=true num-shares=5 reconstruction-threshold=3"
 """

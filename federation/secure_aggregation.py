@@ -15,8 +15,8 @@ from logging import WARNING
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.common import Context, FitRes, Parameters, log, ndarray_to_bytes, \
-    parameters_to_ndarrays
+from flwr.common import (Context, FitRes, Parameters, log, ndarray_to_bytes,
+                         parameters_to_ndarrays)
 from flwr.server import Grid
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
