@@ -43,12 +43,12 @@ from logging import INFO
 from flwr.common import log
 from flwr.common.logger import update_console_handler
 from flwr.server import ServerConfig, start_server
-from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 
 import model
 from federation import cli, compile_cache, memory, shards
 from federation.aggregation import RULES
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
+from federation.flower_internals import trigger_exit_handlers
 from federation.grpc_server import (
     Interrupted,
     InterruptibleServer,

@@ -11,7 +11,8 @@ pyproject.toml, overridden with `--run-config`) into a ServerSettings and leaves
 With `secagg = true` the rounds run through Flower's SecAgg+ workflow (Bonawitz et al.
 2017, "Practical Secure Aggregation for Privacy-Preserving Machine Learning"; SecAgg+:
 Bell et al. 2020): the clients mask their models so that the server learns only their
-weighted sum (client_app.py switches the clients' side on from the same key).
+weighted sum (federation/secure_aggregation.py; client_app.py switches the clients' side
+on from the same key).
 
     flwr run . --run-config "secagg=true num-shares=5 reconstruction-threshold=3"
 """
@@ -23,13 +24,12 @@ from logging import ERROR
 from flwr.common import Context, log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.compat import start_grid
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from federation import compile_cache, run_lock, shards
 from federation.client_manager import TimeoutClientManager
+from federation.secure_aggregation import secagg_workflow
 from federation.server_setup import (ServerSettings, SetupError, TrueRoundLogFilter,
                                      build_strategy)
-from federation.strategy import CheckedFedAvg
 
 # Run-config key -> (ServerSettings field, accepted types). The keys and defaults are in
 # pyproject.toml; a test checks that they equal server.py's.
@@ -114,26 +114,6 @@ def server_fn(context: Context) -> ServerAppComponents:
         strategy=strategy,
         client_manager=TimeoutClientManager(settings.round_timeout, seed=settings.seed),
         config=ServerConfig(num_rounds=rounds_left, round_timeout=settings.round_timeout))
-
-
-def secagg_workflow(settings: ServerSettings, strategy: CheckedFedAvg) -> DefaultWorkflow:
-    """FedAvg's rounds with SecAgg+ in place of the plain fit round."""
-    secagg = SecAggPlusWorkflow(
-        num_shares=settings.num_shares,
-        reconstruction_threshold=settings.reconstruction_threshold,
-        clipping_range=settings.clipping_range,
-        # A client sends its weights times n_k / max_weight, quantized after clipping to
-        # +-clipping_range. With the largest shard as max_weight that factor is <= 1, so
-        # the clipping never cuts an honest weight smaller than clipping_range (Flower's
-        # default, 1,000, would multiply a 5,400-example client's weights by 5.4 first).
-        max_weight=float(max(strategy.shard_sizes)),
-        timeout=settings.round_timeout)  # per stage: a round has four
-
-    def fit_round(grid: Grid, context: Context) -> None:
-        secagg(grid, context)
-        strategy.record_unaggregated_round()  # if too many dropped out to unmask the sum
-
-    return DefaultWorkflow(fit_workflow=fit_round)
 
 
 app = ServerApp()

@@ -13,14 +13,14 @@ import os
 
 from flwr.client import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Context, Message, serde
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common import Context, Message
 
 import client_app
+from federation.flower_internals import RECORD_KEY_CONFIGS, Key, record_dict_wire_bytes
 
 
 def _size(msg: Message) -> int:
-    return serde.recorddict_to_proto(msg.content).ByteSize()
+    return record_dict_wire_bytes(msg.content)
 
 
 def record_sizes(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

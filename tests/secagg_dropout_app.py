@@ -6,13 +6,13 @@ masks); in a plain run it fails the training message. tests/test_secagg.py runs 
 `clientapp` of a copy of the Flower App.
 """
 
-from flwr.app.message_type import MessageType
+from flwr.app import MessageType
 from flwr.client import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 import client_app
+from federation.flower_internals import RECORD_KEY_CONFIGS, Key, Stage
 
 DROP_PARTITION, DROP_ROUND = 2, 1
 

@@ -137,11 +137,11 @@ def test_bad_secagg_run_config_fails_before_anything_starts(caplog):
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
+def task_identity():
     """The process identity a Message is stamped with (Flower sets it in a ClientApp)."""
-    from flwr.supercore.task_identity import TaskIdentity  # noqa: PLC0415
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+    from federation import flower_internals  # noqa: PLC0415
+    with flower_internals.task_identity():
+        yield
 
 
 def _train_message():

@@ -205,19 +205,19 @@ def test_ctrl_c_stops_every_child(finished_run, tmp_path):
 
 
 def test_progress_regex_reads_the_servers_lines():
-    from federation import strategy  # the server's own formatter: the two files must agree
+    from federation import run_record  # the server's own formatter: the two files must agree
 
     record = {"round": 3, "centralized_accuracy": 0.9123, "centralized_loss": 0.2871,
               "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}
-    match = demo.PROGRESS_LINE.match(strategy.progress_line(record, 5))
+    match = demo.PROGRESS_LINE.match(run_record.progress_line(record, 5))
     assert match and match.group("round", "rounds", "accuracy", "loss", "seconds") == (
         "3", "5", "91.23", "0.2871", "12.3")
     assert (demo.format_progress(match, 5, 75.0)
             == "[############........] round 3/5  accuracy 91.23%  loss 0.2871  (12.3 s)  elapsed 1:15")
-    initial = demo.PROGRESS_LINE.match(strategy.progress_line({**record, "round": 0}, 5))
+    initial = demo.PROGRESS_LINE.match(run_record.progress_line({**record, "round": 0}, 5))
     assert initial["seconds"] is None
     assert "(initial model)" in demo.format_progress(initial, 5, 3.0)
-    private = demo.PROGRESS_LINE.match(strategy.progress_line({**record, "epsilon": 4.8}, 5))
+    private = demo.PROGRESS_LINE.match(run_record.progress_line({**record, "epsilon": 4.8}, 5))
     assert (demo.format_progress(private, 5, 75.0) == "[############........] round 3/5  "
             "accuracy 91.23%  loss 0.2871  ε 4.80  (12.3 s)  elapsed 1:15")
 

@@ -14,7 +14,8 @@ from flwr.common import (Code, EvaluateRes, FitIns, FitRes, GetPropertiesRes, St
                          ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 
-from federation import aggregation, client_manager, results, strategy, validation
+from federation import (aggregation, client_manager, flower_internals, results, run_record,
+                        secure_aggregation, strategy, validation)
 
 GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
 NAMES = ["dense/w", "dense/b"]
@@ -214,11 +215,11 @@ def test_resume_mismatch_names_the_setting():
 
 def test_progress_lines():
     r0 = {"round": 0, "centralized_accuracy": 0.098, "centralized_loss": 2.30258}
-    assert strategy.progress_line(r0, 5) == (
+    assert run_record.progress_line(r0, 5) == (
         "round 0/5  accuracy  9.80%  loss 2.3026  (initial global model)")
     r1 = {"round": 1, "centralized_accuracy": 0.91234, "centralized_loss": 0.28712,
           "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}
-    assert strategy.progress_line(r1, 5) == (
+    assert run_record.progress_line(r1, 5) == (
         "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)")
 
 
@@ -468,7 +469,7 @@ def _secure_round(tmp_path, fit_results, failures, lines):
     s.evaluate(0, params)
     s.configure_fit(1, params, manager)
     new, _ = s.aggregate_fit(1, [(None, r) for r in fit_results], failures)
-    s.record_unaggregated_round()  # what server_app does after every SecAgg+ fit round
+    secure_aggregation.record_unaggregated_round(s.round_record)  # what server_app does after every SecAgg+ fit round
     s.evaluate(1, new if new is not None else params)
     s.configure_evaluate(1, new, manager)
     s.aggregate_evaluate(1, [], [])
@@ -520,7 +521,7 @@ def test_a_secure_round_that_gave_up_is_recorded_as_failed(tmp_path, caplog):
     params = s.initialize_parameters(manager)
     s.evaluate(0, params)
     s.configure_fit(1, params, manager)  # ... and SecAgg+ stops: no aggregate_fit
-    s.record_unaggregated_round()
+    secure_aggregation.record_unaggregated_round(s.round_record)
     s.evaluate(1, params)
     s.configure_evaluate(1, params, manager)
     s.aggregate_evaluate(1, [], [])
@@ -530,29 +531,20 @@ def test_a_secure_round_that_gave_up_is_recorded_as_failed(tmp_path, caplog):
     assert s_lines[1].startswith("round 1/1  accuracy 50.00%  loss 0.0000  clients 0/2")
 
 
-def _expired_reply_error(node_id: int, monkeypatch) -> ValueError:
+def _expired_reply_error(node_id: int) -> ValueError:
     """What Flower's App path raises for a node that sent nothing before the round's TTL:
     its GridClientProxy gets the SuperLink's "reply message expired" error reply."""
-    from flwr.server.compat.grid_client_proxy import GridClientProxy  # noqa: PLC0415
-    from flwr.server.superlink.linkstate.utils import (  # noqa: PLC0415
-        create_message_error_unavailable_res_message)
-    from flwr.supercore.task_identity import TaskIdentity  # noqa: PLC0415
-    for name in ("_run_id", "_task_id", "_node_id"):  # as in a ServerApp process
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
     class ExpiredGrid:  # the SuperLink's answer once the message's TTL has run out
         def send_and_receive(self, messages, timeout=None):
-            return [create_message_error_unavailable_res_message(m.metadata, "msg_unavail")
-                    for m in messages]
+            return [flower_internals.app_path_expired_reply(m) for m in messages]
 
-    proxy = GridClientProxy(node_id, ExpiredGrid(), run_id=1)
-    with pytest.raises(ValueError) as failure:
+    proxy = flower_internals.grid_client_proxy(node_id, ExpiredGrid(), run_id=1)
+    with flower_internals.task_identity(), pytest.raises(ValueError) as failure:
         proxy.fit(FitIns(ndarrays_to_parameters(GLOBAL), {}), 300.0, 1)
     return failure.value
 
 
-def test_a_lost_node_on_the_app_path_is_named_by_partition_and_cause(tmp_path, caplog,
-                                                                   monkeypatch):
+def test_a_lost_node_on_the_app_path_is_named_by_partition_and_cause(tmp_path, caplog):
     """On the App path the client manager knows no partitions (fraction-fit 1): the lost
     node's partition comes from its earlier replies, the cause from Flower's error."""
     s = strategy.CheckedFedAvg(
@@ -575,7 +567,7 @@ def test_a_lost_node_on_the_app_path_is_named_by_partition_and_cause(tmp_path, c
     s.configure_fit(2, new, manager)
     with caplog.at_level(logging.WARNING):
         s.aggregate_fit(2, [(by_cid["1234"], _fit_res(_update(1.0), 10, partition=0))],
-                        [_expired_reply_error(5678, monkeypatch)])
+                        [_expired_reply_error(5678)])
     assert ("round 2: partition 1 (node 5678) failed: sent no reply within the 300 s round "
             "timeout") in caplog.text
     assert "connection closed" not in caplog.text
