@@ -21,6 +21,7 @@ lines over this table.
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -308,7 +309,8 @@ class Entry:
         return self.setting.key or self.name.replace("_", "-")
 
 
-def table() -> list[Entry]:
+@functools.cache
+def table() -> tuple[Entry, ...]:
     """Every setting of ServerSettings, in field order."""
     hints = typing.get_type_hints(ServerSettings)
     entries = []
@@ -319,7 +321,7 @@ def table() -> list[Entry]:
         if isinstance(kind, types.UnionType):  # float | None
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         entries.append(Entry(field.name, kind, field.default, field.metadata["setting"]))
-    return entries
+    return tuple(entries)
 
 
 # ------------------------------------------------------------------- server.py's flags
@@ -332,6 +334,7 @@ class TransportFlag:
     help: str
     default: str | None = None
     metavar: str | None = None
+    path: bool = True                    # a directory: not empty (cli.nonempty)
     recorded: bool = True                # kept in ServerSettings.transport (run_config.json)
     check: Callable[[str], str | None] | None = None  # why a value is wrong, after parsing
 
@@ -342,7 +345,7 @@ class TransportFlag:
 
 
 ADDRESS = TransportFlag("address", "host:port to listen on (default: %(default)s)",
-                        default="0.0.0.0:8080", check=cli.address_problem)
+                        default="0.0.0.0:8080", path=False, check=cli.address_problem)
 TRANSPORT_FLAGS = (
     ADDRESS,
     TransportFlag("certificates", "enable TLS with DIR/ca.crt, DIR/server.pem, "
@@ -356,9 +359,9 @@ TRANSPORT_FLAGS = (
 
 
 def _add_transport_flag(parser: argparse.ArgumentParser, flag: TransportFlag) -> None:
-    """One of TRANSPORT_FLAGS; a path unless it has a check of its own."""
+    """One of TRANSPORT_FLAGS."""
     parser.add_argument(flag.flag, default=flag.default, metavar=flag.metavar,
-                        type=None if flag.check else cli.nonempty, help=flag.help)
+                        type=cli.nonempty if flag.path else None, help=flag.help)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
