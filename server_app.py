@@ -17,7 +17,6 @@ weighted sum (client_app.py switches the clients' side on from the same key).
 """
 
 import logging
-from collections.abc import Mapping
 from logging import ERROR
 
 from flwr.common import Context, log
