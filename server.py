@@ -45,8 +45,7 @@ from flwr.common.logger import update_console_handler
 from flwr.server import ServerConfig, start_server
 
 import model
-from federation import cli, compile_cache, memory, shards
-from federation.aggregation import RULES
+from federation import compile_cache, memory, settings, shards
 from federation.client_manager import NotEnoughClients, TimeoutClientManager
 from federation.flower_internals import trigger_exit_handlers
 from federation.grpc_server import (
@@ -55,12 +54,7 @@ from federation.grpc_server import (
     listen_problem,
     load_certificates,
 )
-from federation.server_setup import (
-    ServerSettings,
-    SetupError,
-    TrueRoundLogFilter,
-    build_strategy,
-)
+from federation.server_setup import SetupError, TrueRoundLogFilter, build_strategy
 from federation.strategy import CheckedFedAvg
 
 
@@ -71,21 +65,8 @@ def last_saved(strategy: CheckedFedAvg) -> str:
     return f"round {strategy.records[-1]['round']} is the last saved round"
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """The run's settings from the command line (the transport's own flags recorded aside)."""
-    return ServerSettings(
-        rounds=args.rounds, min_clients=args.min_clients, fraction_fit=args.fraction_fit,
-        local_epochs=args.local_epochs, batch_size=args.batch_size,
-        client_optimizer=args.client_optimizer, learning_rate=args.learning_rate,
-        seed=args.seed, round_timeout=args.round_timeout,
-        proximal_mu=args.proximal_mu, server_optimizer=args.server_optimizer,
-        server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
-        data_dir=args.data_dir, results_dir=args.results_dir, resume=args.resume,
-        overwrite=args.overwrite, aggregation=args.aggregation,
-        trim_fraction=args.trim_fraction, krum_malicious=args.krum_malicious,
-        dp_noise_multiplier=args.dp_noise_multiplier, dp_clipping_norm=args.dp_clipping_norm,
-        dp_delta=args.dp_delta,
-        transport={"address": args.address, "certificates": args.certificates})
+# The run's settings from the command line (tests and benchmarks build theirs this way).
+settings_from_args = settings.from_args
 
 
 def run(args: argparse.Namespace) -> None:
@@ -138,98 +119,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags."""
+    """Command-line flags: one per setting of federation/settings.py, and the transport's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", default="0.0.0.0:8080",
-                   help="host:port to listen on (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="federated rounds, counting rounds already done when resuming "
-                        "(default: %(default)s)")
-    p.add_argument("--min-clients", type=int, default=10,
-                   help="clients that must be connected before a round starts "
-                        "(default: %(default)s, one per partition)")
-    p.add_argument("--fraction-fit", type=float, default=1.0,
-                   help="fraction of connected clients that train (and evaluate) each round; "
-                        "< 1 samples them by --seed and round, reproducibly "
-                        "(default: %(default)s)")
-    p.add_argument("--local-epochs", type=int, default=model.LOCAL_EPOCHS,
-                   help="epochs each client trains per round (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=model.BATCH_SIZE,
-                   help="clients' mini-batch size (default: %(default)s)")
-    p.add_argument("--client-optimizer", default=model.OPTIMIZER, metavar="NAME",
-                   help="clients' local optimizer: adam, or sgd (momentum "
-                        f"{model.SGD_MOMENTUM}), better on extreme label skew "
-                        "(default: %(default)s)")
-    p.add_argument("--learning-rate", type=float,
-                   help="clients' peak learning rate (default: "
-                        + ", ".join(f"{v:g} for {k}" for k, v in model.LEARNING_RATES.items())
-                        + ")")
-    p.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
-                   help="FedProx (Li et al. 2020): clients add MU/2 ||w - w_global||^2 to "
-                        "their loss, which limits their drift on non-IID data; 0 is FedAvg "
-                        "(default: %(default)s)")
-    p.add_argument("--server-optimizer", default="fedavg", metavar="NAME",
-                   help="how the server moves the global model to the clients' average: "
-                        "fedavg (it becomes the average), or an optimizer step on "
-                        "global - average (Reddi et al. 2021): fedavgm (momentum), fedadam, "
-                        "fedyogi (default: %(default)s)")
-    p.add_argument("--server-learning-rate", type=float, metavar="ETA",
-                   help="the server optimizer's step size (default: 1.0 for fedavgm, 0.01 "
-                        "for fedadam and fedyogi; fedavg takes none)")
-    p.add_argument("--server-momentum", type=float, metavar="BETA",
-                   help="fedavgm's momentum, fedadam's and fedyogi's beta1, in [0, 1) "
-                        "(default: 0.9; fedavg takes none)")
-    p.add_argument("--data-dir", default="data", type=cli.nonempty,
-                   help="directory written by partition_data.py; the server reads "
-                        "manifest.json and test.npz (default: %(default)s)")
-    p.add_argument("--results-dir", default="results", type=cli.nonempty,
-                   help="where metrics and models are written (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the initial global model (default: %(default)s)")
-    p.add_argument("--round-timeout", type=float, default=300.0,
-                   help="seconds a client may take to answer, and to wait for --min-clients "
-                        "to be connected before giving up (default: %(default)s)")
-    defaults = ServerSettings()
-    p.add_argument("--aggregation", choices=RULES, default=defaults.aggregation,
-                   help="how the clients' models become the global model: fedavg (weighted "
-                        "mean), or a rule robust to poisoning clients: median, trimmed-mean, "
-                        "krum (default: %(default)s)")
-    p.add_argument("--trim-fraction", type=float, default=defaults.trim_fraction,
-                   help="trimmed-mean: fraction of the values dropped at each end, per "
-                        "coordinate, in [0, 0.5) (default: %(default)s)")
-    p.add_argument("--krum-malicious", type=int, default=defaults.krum_malicious,
-                   help="krum: how many malicious clients it must tolerate; needs more than "
-                        "2f + 2 clients per round (default: %(default)s)")
-    p.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA",
-                   help="turn on DP-FedAvg (user-level differential privacy): Gaussian noise "
-                        "of std SIGMA x --dp-clipping-norm on the sum of clipped updates; 0 "
-                        "clips without noise (no privacy) (default: off)")
-    p.add_argument("--dp-clipping-norm", type=float, default=defaults.dp_clipping_norm,
-                   help="DP-FedAvg: every update (client model minus global model) is scaled "
-                        "down to this L2 norm at most (default: %(default)s)")
-    p.add_argument("--dp-delta", type=float, default=defaults.dp_delta,
-                   help="DP-FedAvg: the delta of the (epsilon, delta) guarantee reported "
-                        "each round (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --results-dir from its newest round")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --results-dir (its metrics and models "
-                        "are deleted once this server is listening); without it, a "
-                        "directory that holds a run is refused")
-    p.add_argument("--certificates", metavar="DIR", type=cli.nonempty,
-                   help="enable TLS with DIR/ca.crt, DIR/server.pem, DIR/server.key from "
-                        "make_certificates.py (default: plaintext)")
-    p.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty,
-                   help="JAX's persistent compilation cache, shared by every process on this "
-                        f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
-                        f"{compile_cache.default_dir()})")
+    settings.add_arguments(p)
     args = p.parse_args(argv)
-    problem = cli.address_problem(args.address)
+    problem = settings.args_problem(args)
     if problem:
-        p.error(f"--address {args.address!r} {problem}")
-    problem = settings_from_args(args).problem()
-    if problem:
-        p.error(f"--{problem}")
+        p.error(problem)
     return args
 
 

@@ -18,7 +18,6 @@ on from the same key).
 """
 
 import logging
-from collections.abc import Mapping
 from logging import ERROR
 
 from flwr.common import Context, log
@@ -28,70 +27,10 @@ from flwr.server.compat import start_grid
 from federation import compile_cache, run_lock, shards
 from federation.client_manager import TimeoutClientManager
 from federation.secure_aggregation import secagg_workflow
-from federation.server_setup import (ServerSettings, SetupError, TrueRoundLogFilter,
-                                     build_strategy)
-
-# Run-config key -> (ServerSettings field, accepted types). The keys and defaults are in
-# pyproject.toml; a test checks that they equal server.py's.
-RUN_CONFIG_KEYS = {
-    "num-server-rounds": ("rounds", int),
-    "min-clients": ("min_clients", int),
-    "fraction-fit": ("fraction_fit", (int, float)),
-    "local-epochs": ("local_epochs", int),
-    "batch-size": ("batch_size", int),
-    "client-optimizer": ("client_optimizer", str),
-    "learning-rate": ("learning_rate", (int, float)),
-    "proximal-mu": ("proximal_mu", (int, float)),
-    "server-optimizer": ("server_optimizer", str),
-    "server-learning-rate": ("server_learning_rate", (int, float)),
-    "server-momentum": ("server_momentum", (int, float)),
-    "seed": ("seed", int),
-    "round-timeout": ("round_timeout", (int, float)),
-    "resume": ("resume", bool),
-    "overwrite": ("overwrite", bool),
-    "aggregation": ("aggregation", str),
-    "trim-fraction": ("trim_fraction", (int, float)),
-    "krum-malicious": ("krum_malicious", int),
-    "dp-noise-multiplier": ("dp_noise_multiplier", (int, float)),
-    "dp-clipping-norm": ("dp_clipping_norm", (int, float)),
-    "dp-delta": ("dp_delta", (int, float)),
-    "data-dir": ("data_dir", str),
-    "results-dir": ("results_dir", str),
-    "secagg": ("secagg", bool),
-    "num-shares": ("num_shares", int),
-    "reconstruction-threshold": ("reconstruction_threshold", int),
-    "clipping-range": ("clipping_range", (int, float)),
-}
-OFF_KEYS = {"dp-noise-multiplier"}  # keys whose "off" is server.py's default of None
-# Keys whose default depends on client-optimizer or server-optimizer: not in pyproject.toml
-# (TOML has no null).
-DEFAULT_FROM_OPTIMIZER = ("learning-rate", "server-learning-rate", "server-momentum")
-
-
-def settings_from_run_config(run_config: Mapping[str, object]) -> ServerSettings:
-    """ServerSettings from the run config; SetupError on an unknown or ill-typed key."""
-    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
-    if unknown:
-        raise SetupError(f"unknown run-config key(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(RUN_CONFIG_KEYS)}")
-    values = {}
-    for key, (field, types) in RUN_CONFIG_KEYS.items():
-        if key not in run_config:
-            continue
-        value = run_config[key]
-        if key in OFF_KEYS and value == "off":  # TOML has no null: "off" stands for None
-            values[field] = None
-            continue
-        # bool is an int in Python: `num-server-rounds = true` must not pass as 1.
-        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
-            expected = {int: "an integer", bool: "true or false", str: "a string"}.get(
-                types, "a number") + (" or 'off'" if key in OFF_KEYS else "")
-            raise SetupError(f"run-config {key} = {value!r} must be {expected}")
-        values[field] = float(value) if types == (int, float) else value
-    for field in ("data_dir", "results_dir"):
-        if field in values:
-            values[field] = shards.resolve_dir(values[field])
-    return ServerSettings(**values)
+from federation.server_setup import SetupError, TrueRoundLogFilter, build_strategy
+# ServerSettings from the run config: every key, its type and its default are declared
+# once, in federation/settings.py (a test checks pyproject.toml's defaults against it).
+from federation.settings import from_run_config as settings_from_run_config
 
 
 def server_fn(context: Context) -> ServerAppComponents:

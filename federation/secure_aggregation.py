@@ -27,7 +27,7 @@ from federation.failures import failure_reason
 from federation.validation import validate_arrays
 
 if TYPE_CHECKING:  # both import this file
-    from federation.server_setup import ServerSettings
+    from federation.settings import ServerSettings
     from federation.strategy import CheckedFedAvg
 
 

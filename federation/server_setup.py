@@ -2,16 +2,15 @@
 
 server.py (Flower's gRPC `start_server`) and server_app.py (a Flower `ServerApp` under
 `flwr run`) are thin shells: each turns its own input (command-line flags, a run config)
-into one `ServerSettings`, and this file does the rest the same way for both: check the
-settings, load the test set and the manifest, set up the results directory (fresh or
-resumed) and build the `CheckedFedAvg` strategy.
+into one `ServerSettings` (federation/settings.py), and this file does the rest the same
+way for both: check the settings, load the test set and the manifest, set up the results
+directory (fresh or resumed) and build the `CheckedFedAvg` strategy.
 """
 
 import dataclasses
 import importlib.metadata
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
@@ -20,163 +19,13 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import cli, privacy, run_lock, server_optimizers, shards
-from federation.aggregation import RULES, Arrays, krum_minimum_clients
+from federation import privacy, run_lock, server_optimizers, shards
+from federation.aggregation import Arrays
 from federation.results import ResultsDir, resume_mismatch
+# ServerSettings and SetupError are declared in settings.py (with every setting's flag and
+# run-config key); imported from here too, by the code that builds a run.
+from federation.settings import ServerSettings, SetupError
 from federation.strategy import CheckedFedAvg
-
-
-class SetupError(Exception):
-    """A problem with the settings, the data or the results directory; str(e) is one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerSettings:
-    """The settings of one federated run; the defaults run the tutorial as-is."""
-
-    rounds: int = 5                     # the last round of the whole run
-    min_clients: int = 10               # clients that must be connected before a round starts
-    fraction_fit: float = 1.0           # fraction of connected clients that train each round
-    local_epochs: int = model.LOCAL_EPOCHS
-    batch_size: int = model.BATCH_SIZE
-    client_optimizer: str = model.OPTIMIZER  # adam | sgd, sent to clients
-    learning_rate: float | None = None  # None: the client optimizer's default peak rate
-    seed: int = 0                       # seed of the initial global model
-    proximal_mu: float = 0.0            # FedProx's mu, sent to clients (0: plain FedAvg)
-    server_optimizer: str = "fedavg"    # fedavg | fedavgm | fedadam | fedyogi
-    server_learning_rate: float | None = None  # None: the server optimizer's default
-    server_momentum: float | None = None       # None: the server optimizer's default
-    round_timeout: float = 300.0        # seconds to wait for clients and for their answers
-    data_dir: str = "data"
-    results_dir: str = "results"
-    resume: bool = False                # continue the run in results_dir from its newest round
-    overwrite: bool = False             # replace a run already in results_dir
-    aggregation: str = "fedavg"         # one of aggregation.RULES
-    trim_fraction: float = 0.2          # trimmed-mean: share dropped at each end
-    krum_malicious: int = 2             # krum: malicious clients it must tolerate
-    dp_noise_multiplier: float | None = None  # DP-FedAvg's σ; None: no DP
-    dp_clipping_norm: float = 1.0       # DP-FedAvg's C: the largest update norm that counts
-    dp_delta: float = 1e-5              # the δ at which ε is reported
-    # Secure aggregation (SecAgg+, App path only): the server learns only the clients' sum.
-    secagg: bool = False
-    num_shares: int = 5                 # each client's secrets go to itself + 4 neighbours
-    reconstruction_threshold: int = 3   # shares that unmask a client / recover a dropout
-    clipping_range: float = 8.0         # SecAgg+ quantizes weights in +-this (largest seen: 2.6)
-    # Settings of the transport (address, certificates, ...): recorded, never compared.
-    transport: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        """A learning rate of None becomes the client optimizer's default (if it has one)."""
-        if self.learning_rate is None and self.client_optimizer in model.LEARNING_RATES:
-            object.__setattr__(self, "learning_rate",
-                               model.LEARNING_RATES[self.client_optimizer])
-
-    def problem(self) -> str | None:
-        """Why these settings cannot run (one line), or None."""
-        if self.client_optimizer not in model.OPTIMIZERS:
-            return (f"client-optimizer {self.client_optimizer!r} is not one of "
-                    f"{', '.join(model.OPTIMIZERS)}")
-        for name in ("rounds", "min_clients", "local_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                return f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-        if not 0.0 < self.fraction_fit <= 1.0:
-            return f"fraction-fit must be in (0, 1], got {self.fraction_fit}"
-        for name in ("learning_rate", "round_timeout"):
-            if not getattr(self, name) > 0:
-                return f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
-        if not 0.0 <= self.proximal_mu < math.inf:
-            return f"proximal-mu must be a number >= 0, got {self.proximal_mu}"
-        problem = server_optimizers.problem(self.server_optimizer, self.server_learning_rate,
-                                            self.server_momentum)
-        if problem:
-            return problem
-        if self.resume and self.overwrite:
-            return "resume and --overwrite contradict each other: choose one"
-        problem = self.number_problem()
-        if problem:
-            return problem
-        return (self.rule_problem() or (self.dp.problem() if self.dp else None)
-                or (self.secagg_problem() if self.secagg else None))
-
-    def number_problem(self) -> str | None:
-        """The first setting that is not a finite number, or out of its range, or None.
-
-        Checked after the rules above (which already name some ranges) and before the
-        ones below: inf and nan pass comparisons like `> 0` and would fail mid-run (an
-        infinite timeout overflows a wait, an infinite DP noise trains a NaN model).
-        """
-        ranges = {"seed": (0, cli.MAX_SEED), "round_timeout": (0, cli.MAX_SECONDS)}
-        for name, (low, high) in ranges.items():
-            problem = cli.number_problem(getattr(self, name), low, high)
-            if problem:
-                return f"{name.replace('_', '-')} {problem}"
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                return f"{field.name.replace('_', '-')} must be a finite number, got {value}"
-        return None
-
-    @property
-    def dp(self) -> privacy.DPConfig | None:
-        """DP-FedAvg's settings, or None when it is off."""
-        if self.dp_noise_multiplier is None:
-            return None
-        return privacy.DPConfig(self.dp_noise_multiplier, self.dp_clipping_norm, self.dp_delta)
-
-    def clients_per_round(self) -> int:
-        """Clients sampled each round when min_clients are connected."""
-        return max(1, int(self.fraction_fit * self.min_clients))
-
-    def rule_problem(self) -> str | None:
-        """Why the aggregation rule cannot work with these settings (one line), or None."""
-        if self.aggregation not in RULES:
-            return f"aggregation {self.aggregation!r} is not one of {', '.join(RULES)}"
-        if self.aggregation == "trimmed-mean" and not 0 <= self.trim_fraction < 0.5:
-            return (f"trim-fraction must be in [0, 0.5) so that some updates are left, "
-                    f"got {self.trim_fraction}")
-        if self.aggregation == "krum":
-            needed = krum_minimum_clients(self.krum_malicious)
-            if self.krum_malicious < 0:
-                return f"krum-malicious must be >= 0, got {self.krum_malicious}"
-            if self.clients_per_round() < needed:
-                return (f"krum-malicious {self.krum_malicious} needs at least {needed} "
-                        f"clients per round for krum (n > 2f + 2), but min-clients x "
-                        f"fraction-fit gives {self.clients_per_round()}")
-        if self.dp_noise_multiplier is not None and self.aggregation != "fedavg":
-            return (f"dp-noise-multiplier works with aggregation fedavg only (DP-FedAvg sizes "
-                    f"its noise for an average), not {self.aggregation}")
-        return None
-
-    def secagg_problem(self) -> str | None:
-        """Why Flower's SecAgg+ cannot run with these settings (one line), or None."""
-        sampled = self.clients_per_round()  # CheckedFedAvg's minimum
-        if self.num_shares < 3 or self.num_shares % 2 == 0:
-            # Flower needs > 2, and builds each client's ring of neighbours from
-            # num_shares // 2 on each side: an even number breaks its clients' key sharing.
-            return f"num-shares must be an odd number >= 3, got {self.num_shares}"
-        if not 2 <= self.reconstruction_threshold < self.num_shares:
-            return (f"reconstruction-threshold must be >= 2 and less than num-shares "
-                    f"({self.num_shares}), got {self.reconstruction_threshold}")
-        if self.num_shares > sampled:
-            return (f"num-shares {self.num_shares} is more than the {sampled} clients sampled "
-                    f"per round (min-clients x fraction-fit)")
-        if not self.clipping_range > 0:
-            return f"clipping-range must be > 0, got {self.clipping_range}"
-        if self.needs_individual_updates():
-            return (f"secagg cannot be combined with {', '.join(self.needs_individual_updates())}"
-                    ": it needs each client's own update, and SecAgg+ shows the server only "
-                    "their sum")
-        return None
-
-    def needs_individual_updates(self) -> list[str]:
-        """The settings switched on that need every client's own update, not just the sum.
-
-        DP-FedAvg here clips each update on the server, and a robust rule compares them.
-        (Clipping on the clients, Flower's fixedclipping_mod, would work with SecAgg+;
-        this repository does not offer that combination yet.)
-        """
-        return ([f"aggregation {self.aggregation}"] if self.aggregation != "fedavg" else []) + (
-            ["dp-noise-multiplier"] if self.dp_noise_multiplier is not None else [])
 
 
 def centralized_evaluator(x_test: np.ndarray,

