@@ -12,7 +12,7 @@ side on from the same key.
 
 from collections.abc import Sequence
 from logging import WARNING
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from flwr.common import (Context, FitRes, Parameters, log, ndarray_to_bytes,
@@ -24,14 +24,17 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from federation import flower_internals, rounds
 from federation.aggregation import Arrays
 from federation.failures import failure_reason
+from federation.settings import ServerSettings
 from federation.validation import validate_arrays
 
-if TYPE_CHECKING:  # both import this file
-    from federation.settings import ServerSettings
-    from federation.strategy import CheckedFedAvg
+class RoundState(Protocol):
+    """What the workflow needs of the strategy (CheckedFedAvg, which imports this file)."""
+
+    shard_sizes: Sequence[int]
+    round_record: dict
 
 
-def secagg_workflow(settings: "ServerSettings", strategy: "CheckedFedAvg") -> DefaultWorkflow:
+def secagg_workflow(settings: ServerSettings, strategy: RoundState) -> DefaultWorkflow:
     """FedAvg's rounds with SecAgg+ in place of the plain fit round."""
     secagg = SecAggPlusWorkflow(
         num_shares=settings.num_shares,
