@@ -158,9 +158,19 @@ def _save(fig, out: pathlib.Path) -> None:
     print(f"wrote {out}")
 
 
+def _finite(value: object) -> object:
+    """JSON has no Infinity: an ε of ∞ (σ = 0) is written as the string "inf"."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+
 def _write_json(rows: dict, path: pathlib.Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_finite(rows), indent=1, allow_nan=False) + "\n",
+                   encoding="utf-8")
     tmp.replace(path)
     print(f"wrote {path}")
 
