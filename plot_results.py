@@ -93,8 +93,8 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
     Returns:
       The path written.
     """
-    # DP-FedAvg runs (server.py --dp-noise-multiplier) record the privacy spent, ε: a third
-    # panel shows how it grows with the rounds.
+    # DP-FedAvg runs (server.py --dp-noise-multiplier) record the privacy spent, ε (PLD, and
+    # the RDP bound beside it): a third panel shows how it grows with the rounds.
     private = any(_is_number(r.get("epsilon")) for _, records in runs for r in records)
     fig, axes = plt.subplots(1, 3 if private else 2, figsize=(16 if private else 11, 4.2),
                              constrained_layout=True)
@@ -116,7 +116,13 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
             spent = [r for r in records if _is_number(r.get("epsilon"))]
             if spent:
                 axes[2].plot(*_series(spent, "epsilon"), "o-", color=colour,
-                             label=f"{name}final ε {spent[-1]['epsilon']:.2f}")
+                             label=f"{name}final ε {spent[-1]['epsilon']:.2f} (PLD)")
+            # The looser RDP bound of the same runs, as a cross-check (runs recorded
+            # before it existed have none).
+            bound = [r for r in records if _is_number(r.get("epsilon_rdp"))]
+            if bound:
+                axes[2].plot(*_series(bound, "epsilon_rdp"), ":", color=colour, alpha=0.7,
+                             label=f"{name}RDP bound {bound[-1]['epsilon_rdp']:.2f}")
 
     ax_acc.set(title="Accuracy of the global model", xlabel="round", ylabel="accuracy")
     ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))

@@ -24,7 +24,7 @@ METRIC_FIELDS = (
     "round", "centralized_loss", "centralized_accuracy", "federated_loss",
     "federated_accuracy", "train_loss", "train_accuracy", "clients_sampled", "clients_fit",
     "failures", "evaluate_failures", "round_seconds", "bytes_received", "update_norm",
-    "clipped", "epsilon")
+    "clipped", "epsilon", "epsilon_rdp")
 
 # Files a run writes (besides model_round_<r>.npz); their presence means the directory holds a run.
 RUN_FILES = ("metrics.json", "metrics.csv", "run_config.json", "global_model.npz")

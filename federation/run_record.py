@@ -83,8 +83,7 @@ class RunRecord:
         if "start" in record:
             record["round_seconds"] = round(time.perf_counter() - record.pop("start"), 3)
         if self.dp is not None:  # the privacy spent after this many rounds of the run
-            record["epsilon"] = privacy.epsilon(self.dp.noise_multiplier, self.fraction_fit,
-                                                record["round"], self.dp.delta)
+            record.update(privacy.spent(self.dp, self.fraction_fit, record["round"]))
         self.records.append(record)
         server_state = None if self.server_optimizer is None else (
             self.server_optimizer.state_arrays())

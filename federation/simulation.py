@@ -17,7 +17,7 @@ It runs the code the federation runs, not a copy of it:
     server step  server_optimizers.ServerOptimizer: FedAvg, FedAvgM, FedAdam, FedYogi
     evaluate     server_setup.centralized_evaluator on the test set, then local_training.
                  evaluate on the seeded clients' validation splits ([seed, round, 1])
-    account      privacy.epsilon, the ε of DP-FedAvg after each round
+    account      privacy.spent, the ε of DP-FedAvg after each round (PLD, and RDP beside it)
 
 Every partition given is a connected client (partition k is the k-th); none fails, times
 out or leaves. What crosses the network crosses it as server.py's gRPC carries it (a
@@ -126,9 +126,7 @@ def run(settings: ServerSettings, partitions: Sequence[Partition],
         """Time, account and hand on the round (CheckedFedAvg._finish_round)."""
         record["round_seconds"] = round(time.perf_counter() - start, 3)
         if settings.dp is not None:
-            record["epsilon"] = privacy.epsilon(settings.dp.noise_multiplier,
-                                                settings.fraction_fit, record["round"],
-                                                settings.dp.delta)
+            record.update(privacy.spent(settings.dp, settings.fraction_fit, record["round"]))
         records.append(record)
         if on_round is not None:
             on_round(Round(record, arrays, sampled))

@@ -166,6 +166,7 @@ def test_a_dp_run_gets_a_privacy_panel(tmp_path):
     records = json.loads((tmp_path / "dp" / "metrics.json").read_text())
     for r in records:
         r["epsilon"] = 0.0 if r["round"] == 0 else 1.5 * r["round"]
+        r["epsilon_rdp"] = 1.2 * r["epsilon"]  # the RDP bound: a dotted line beside
     (tmp_path / "dp" / "metrics.json").write_text(json.dumps(records))
     plain = plot_results.plot_runs([("a", plot_results.load_metrics(tmp_path / "plain"))],
                                    tmp_path / "plain.png")

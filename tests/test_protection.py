@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import statistics
+import time
 
 import numpy as np
 import pytest
@@ -138,18 +139,48 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
 def test_epsilon_grows_with_rounds_and_matches_theory_for_full_participation():
     eps = [privacy.epsilon(1.0, 1.0, r, 1e-5) for r in range(6)]
     assert eps[0] == 0 and all(a < b for a, b in zip(eps, eps[1:]))
-    # q = 1: T rounds of noise multiplier σ are one Gaussian mechanism with σ / sqrt(T)...
-    assert privacy.epsilon(2.0, 1.0, 4, 1e-5) == pytest.approx(
-        privacy.epsilon(1.0, 1.0, 1, 1e-5), rel=1e-9)
-    # ...whose exact ε the RDP accountant bounds from above, and tightly, unlike the
+    # q = 1: the PLD accountant gives the exact ε of the Gaussian mechanism (its grid errs
+    # upwards, by less than 1%); the RDP bound lies above it, and tightly, unlike the
     # textbook RDP conversion min_a T a / (2 σ²) + log(1/δ) / (a - 1).
     exact = gaussian_epsilon(math.sqrt(5) / 1.0, 1e-5)
+    rdp = privacy.epsilon(1.0, 1.0, 5, 1e-5, "rdp")
     textbook = min(5 * a / 2 + math.log(1e5) / (a - 1) for a in range(2, 257))
-    assert exact < eps[5] < textbook
-    assert eps[5] < 1.15 * exact
+    assert exact <= eps[5] < 1.01 * exact
+    assert eps[5] < rdp < min(textbook, 1.15 * exact)
     # Sampling a fraction of the clients each round spends far less.
     assert privacy.epsilon(1.0, 0.01, 5, 1e-5) < 0.2 * eps[5]
     assert privacy.epsilon(0.0, 1.0, 5, 1e-5) == math.inf
+    assert privacy.spent(privacy.DPConfig(1.0, 1.0), 1.0, 5) == {"epsilon": eps[5],
+                                                                 "epsilon_rdp": rdp}
+
+
+@pytest.mark.parametrize("sigma, rounds", [(1.0, 1), (1.0, 5), (2.0, 4), (0.5, 3)])
+def test_t_rounds_at_sigma_are_one_round_at_sigma_over_sqrt_t(sigma, rounds):
+    """q = 1: T Gaussian mechanisms of σ compose to one of σ / sqrt(T), exactly."""
+    one = sigma / math.sqrt(rounds)
+    exact = gaussian_epsilon(1 / one, 1e-5)
+    for accountant, tolerance in (("pld", 0.01), ("rdp", 1e-9)):
+        many = privacy.epsilon(sigma, 1.0, rounds, 1e-5, accountant)
+        assert many == pytest.approx(privacy.epsilon(one, 1.0, 1, 1e-5, accountant),
+                                     rel=tolerance)
+    assert exact <= privacy.epsilon(sigma, 1.0, rounds, 1e-5) < 1.01 * exact
+
+
+@pytest.mark.parametrize("sigma, q, rounds", [
+    (1.0, 0.1, 30), (1.0, 0.01, 30), (0.5, 0.1, 30), (2.0, 0.1, 30), (0.1, 1.0, 5),
+    (0.01, 1.0, 5), (1.0, 0.1, 300), (5.0, 0.5, 10)])
+def test_pld_epsilon_is_at_most_the_rdp_bound_and_fast(sigma, q, rounds):
+    privacy.epsilon.cache_clear()  # time the computation, not the cache
+    start = time.perf_counter()
+    tight = privacy.epsilon(sigma, q, rounds, 1e-5)
+    seconds = time.perf_counter() - start
+    assert 0 < tight <= privacy.epsilon(sigma, q, rounds, 1e-5, "rdp")
+    assert seconds < 5.0  # every round of a run computes it (0.01-0.3 s measured, unloaded)
+
+
+def test_an_unknown_accountant_is_one_line():
+    with pytest.raises(ValueError, match=r"^unknown accountant 'moments'; known: pld, rdp$"):
+        privacy.epsilon(1.0, 1.0, 5, 1e-5, "moments")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -203,6 +234,7 @@ def test_dp_fedavg_over_grpc_matches_the_simulation_and_reports_epsilon(procs, t
     recs = records(results)
     for r in recs[1:]:
         assert r["epsilon"] == privacy.epsilon(0.3, 1.0, r["round"], 1e-4)
+        assert r["epsilon_rdp"] == privacy.epsilon(0.3, 1.0, r["round"], 1e-4, "rdp")
         assert r["clipped"] == CLIENTS and r["update_norm"] > 0.5
     assert recs[0]["epsilon"] == 0.0 and recs[1]["epsilon"] < recs[2]["epsilon"]
     assert f"ε {recs[2]['epsilon']:.2f}" in procs.out("server").splitlines()[2]
