@@ -20,11 +20,10 @@ import uuid
 import psutil
 import pytest
 
-from test_demo import free_port
+from helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKEN_VAR = "TEST_DEMO_STOP_TOKEN"  # not the demo's own mark: the test checks independently
 
 

@@ -17,8 +17,7 @@ import time
 import psutil
 import pytest
 
-from test_federation import free_port, records
-from test_flower_app import FLWR, REPO, supernode_key
+from helpers import FLWR, REPO, free_port, records, supernode_key
 
 pytestmark = pytest.mark.slow
 

