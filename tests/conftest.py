@@ -11,7 +11,8 @@ import psutil
 import pytest
 
 from federation import compile_cache
-from helpers import CLIENTS, ENV, NUM_PARTITIONS, REPO, Processes, free_port
+from helpers import (CLIENTS, ENV, NUM_PARTITIONS, REPO, Processes, app_config, flwr_run,
+                     free_port)
 
 # Flower's start_server/start_client send anonymous usage events to Flower's servers by
 # default. Tests (and the processes they start, which inherit this) must stay offline.
@@ -105,7 +106,7 @@ def app_copy():
     return make
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def app_data(tmp_path_factory) -> pathlib.Path:
     """Three IID shards + test set of the real 5k MNIST subset (partition_data.py), for
     the Flower App's CLIENTS SuperNodes."""
@@ -116,11 +117,11 @@ def app_data(tmp_path_factory) -> pathlib.Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flwr_env(tmp_path_factory):
     """Environment for `flwr` (helpers.flwr_run): private FLWR_HOME and ports, so that
     nothing touches ~/.flwr or a SuperLink the user runs; the local SuperLink that `flwr
-    run` starts on its own is killed after."""
+    run` starts on its own (once per session: each start costs seconds) is killed after."""
     control_port, http_port = free_port(), free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
@@ -137,3 +138,13 @@ def flwr_env(tmp_path_factory):
     _, alive = psutil.wait_procs(mine, timeout=10)
     for proc in alive:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def plain_app_run(flwr_env, app_data, tmp_path_factory):
+    """One plain FedAvg run of the Flower App on the Simulation Engine: 2 rounds, CLIENTS
+    SuperNodes on app_data -> (output, its `flwr ls` record, results dir). Shared by
+    test_flower_app.py (what it writes) and test_secagg.py (what SecAgg+ is compared with)."""
+    results = tmp_path_factory.mktemp("plain_app") / "results"
+    output, run = flwr_run(flwr_env, app_config(app_data, results, **{"num-server-rounds": 2}))
+    return output, run, results

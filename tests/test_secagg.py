@@ -7,7 +7,6 @@ model in both runs and the clients' training is deterministic, so there the boun
 exact; from round 2 on the runs train from slightly different models and only stay close.
 """
 
-import math
 import pathlib
 
 import numpy as np
@@ -45,24 +44,25 @@ def shard_sizes(data: pathlib.Path) -> list[int]:
                                            key=lambda p: p["index"])]
 
 
-def test_secagg_trains_within_the_quantization_error_of_fedavg(flwr_env, app_data, tmp_path):
+def test_secagg_trains_within_the_quantization_error_of_fedavg(flwr_env, app_data, tmp_path,
+                                                              plain_app_run):
     settings = {"num-server-rounds": 2}
     output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
                                                 **settings, **SECAGG))
     assert run["status"] == "finished:completed", output
     assert output.count("Secure aggregation completed.") == 2  # Flower's workflow, each round
     assert output.count("SecAgg+ is on: the server sees only") == 1
-    _, plain_run = flwr_run(flwr_env, app_config(app_data, tmp_path / "plain", **settings))
+    _, plain_run, plain_dir = plain_app_run  # the same settings without SecAgg+ (conftest)
     assert plain_run["status"] == "finished:completed"
 
-    secagg, plain = records(tmp_path / "secagg"), records(tmp_path / "plain")
+    secagg, plain = records(tmp_path / "secagg"), records(plain_dir)
     assert [(r["round"], r["clients_fit"], r["failures"], r["evaluate_failures"])
             for r in secagg] == [(0, 0, 0, 0), (1, CLIENTS, 0, 0), (2, CLIENTS, 0, 0)]
     # int64 masked models instead of float32 ones: about twice the bytes.
     assert 1.9 < secagg[1]["bytes_received"] / plain[1]["bytes_received"] < 2.1
     bound = secagg_bound(shard_sizes(app_data), 8.0, 1.5)  # largest |weight| here: 1.3
     for r in (1, 2):
-        s, p = (load_model(tmp_path / d / f"model_round_{r}.npz") for d in ("secagg", "plain"))
+        s, p = (load_model(d / f"model_round_{r}.npz") for d in (tmp_path / "secagg", plain_dir))
         difference = max_difference(s, p)
         assert difference > 0, "bit-identical: SecAgg+ was not on"
         # Round 2 trains from round 1's slightly different models, and training amplifies
