@@ -15,8 +15,7 @@ import sys
 import psutil
 import pytest
 
-from helpers import (CLIENTS, REPO, app_config, finish_flwr_run, flwr_run, free_port, records,
-                     run_demo, server_args, start_flwr_run)
+from helpers import CLIENTS, REPO, app_config, flwr_run, free_port, records, run_demo, server_args
 
 pytestmark = pytest.mark.slow
 
@@ -55,35 +54,21 @@ def test_simulation_with_sampling_gives_the_same_model_every_time(
                        close=("federated_loss",))
 
 
-BAD_RUN_CONFIGS = [
+@pytest.mark.parametrize("settings, message", [
     ({"data-dir": "/nonexistent/data"},
      "/nonexistent/data/manifest.json: not found; run `python partition_data.py` first"),
     ({"num-server-rounds": 2.5}, "run-config num-server-rounds = 2.5 must be an integer"),
     ({"min-clients": 4}, "min-clients 4, but {data} has only 3 partitions (one client each)"),
-]
-
-
-@pytest.fixture(scope="module")
-def bad_config_runs(flwr_env, app_data, tmp_path_factory) -> list[tuple]:
-    """The runs of BAD_RUN_CONFIGS, started together (each is mostly Flower starting up and
-    waiting): [(results dir, output, `flwr ls` record)] in the same order."""
-    started = []
-    for settings, _ in BAD_RUN_CONFIGS:
-        results = tmp_path_factory.mktemp("bad_config") / "results"
-        started.append((results, start_flwr_run(flwr_env, {**app_config(app_data, results),
-                                                           **settings})))
-    return [(results, *finish_flwr_run(flwr_env, proc)) for results, proc in started]
-
-
-@pytest.mark.parametrize("case", range(len(BAD_RUN_CONFIGS)),
-                         ids=[message.split(":")[0] for _, message in BAD_RUN_CONFIGS])
-def test_bad_run_config_fails_the_run_with_one_line(bad_config_runs, app_data, case):
-    results, output, run = bad_config_runs[case]
-    message = BAD_RUN_CONFIGS[case][1].format(data=app_data)
+])
+def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path, settings,
+                                                     message):
+    config = {**app_config(app_data, tmp_path / "results"), **settings}
+    output, run = flwr_run(flwr_env, config)
+    message = message.format(data=app_data)
     assert run["status"] == "finished:failed"
     assert run["status-details"] == f"Simulation failed with exception: {message}"
     assert f"server_app: error: {message}" in output
-    assert not results.exists()  # nothing half-written
+    assert not (tmp_path / "results").exists()  # nothing half-written
 
 
 # ------------------------------------------------------------------------ demo.py
