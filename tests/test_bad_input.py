@@ -25,7 +25,7 @@ import server_app
 from federation import cli, grpc_server, shards, tls
 from federation.results import ResultsDir
 from federation.server_setup import ServerSettings, SetupError, build_strategy, run_config
-from test_federation import ENV, REPO, free_port
+from helpers import ENV, REPO, free_port
 
 LONG_NAME = "a" * 300  # longer than any file system allows: exists() raises, not False
 

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from test_federation import ENV, REPO, client_args, free_port
+from helpers import ENV, REPO, client_args, free_port
 
 
 def test_a_shard_from_another_split_is_refused_in_one_line(tmp_path, data_dir):

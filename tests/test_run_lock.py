@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from federation import run_lock
-from test_federation import ENV, REPO, client_args, free_port, records, server_args, wait_until
+from helpers import ENV, REPO, client_args, free_port, records, server_args, snapshot, wait_until
 
 # A process that takes a directory's run lock, says so, and keeps it until it is killed;
 # with --raw it takes the same flock directly and records no owner.
@@ -48,12 +48,6 @@ def hold():
     for proc in started:
         proc.kill()
         proc.wait()
-
-
-def snapshot(directory) -> dict[str, tuple[bytes, int]]:
-    """Every file under directory with its bytes and modification time."""
-    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def refused_by(proc: subprocess.Popen, directory) -> str:

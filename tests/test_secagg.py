@@ -7,15 +7,13 @@ model in both runs and the clients' training is deterministic, so there the boun
 exact; from round 2 on the runs train from slightly different models and only stay close.
 """
 
-import math
 import pathlib
 
 import numpy as np
 import pytest
 
-from test_federation import load_model, records
-from test_flower_app import (CLIENTS, REPO, app_config, app_data,  # noqa: F401
-                             flwr_env, flwr_run)
+from helpers import (CLIENTS, REPO, app_config, finish_flwr_run, load_model, records,
+                     start_flwr_run)
 
 pytestmark = pytest.mark.slow
 
@@ -47,24 +45,40 @@ def shard_sizes(data: pathlib.Path) -> list[int]:
                                            key=lambda p: p["index"])]
 
 
-def test_secagg_trains_within_the_quantization_error_of_fedavg(flwr_env, app_data, tmp_path):
-    settings = {"num-server-rounds": 2}
-    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
-                                                **settings, **SECAGG))
+@pytest.fixture(scope="module")
+def secagg_runs(flwr_env, app_data, app_copy, tmp_path_factory) -> dict[str, tuple]:
+    """The two SecAgg+ runs of this module, started together (each is mostly Flower
+    starting up and waiting): {"secagg": ..., "dropout": ...}, each (results dir, output,
+    `flwr ls` record). "dropout" runs a copy of the App whose partition 2 fails after the
+    key exchange (tests/secagg_dropout_app.py)."""
+    tmp = tmp_path_factory.mktemp("secagg")
+    apps = {"secagg": REPO,
+            "dropout": app_copy(tmp / "app", REPO / "tests" / "secagg_dropout_app.py")}
+    started = {name: start_flwr_run(flwr_env, app_config(app_data, tmp / name,
+                                                         **{"num-server-rounds": 2}, **SECAGG),
+                                    app=app)
+               for name, app in apps.items()}
+    return {name: (tmp / name, *finish_flwr_run(flwr_env, proc))
+            for name, proc in started.items()}
+
+
+def test_secagg_trains_within_the_quantization_error_of_fedavg(secagg_runs, app_data,
+                                                              plain_app_run):
+    secagg_dir, output, run = secagg_runs["secagg"]
     assert run["status"] == "finished:completed", output
     assert output.count("Secure aggregation completed.") == 2  # Flower's workflow, each round
     assert output.count("SecAgg+ is on: the server sees only") == 1
-    _, plain_run = flwr_run(flwr_env, app_config(app_data, tmp_path / "plain", **settings))
+    _, plain_run, plain_dir = plain_app_run  # the same settings without SecAgg+ (conftest)
     assert plain_run["status"] == "finished:completed"
 
-    secagg, plain = records(tmp_path / "secagg"), records(tmp_path / "plain")
+    secagg, plain = records(secagg_dir), records(plain_dir)
     assert [(r["round"], r["clients_fit"], r["failures"], r["evaluate_failures"])
             for r in secagg] == [(0, 0, 0, 0), (1, CLIENTS, 0, 0), (2, CLIENTS, 0, 0)]
     # int64 masked models instead of float32 ones: about twice the bytes.
     assert 1.9 < secagg[1]["bytes_received"] / plain[1]["bytes_received"] < 2.1
     bound = secagg_bound(shard_sizes(app_data), 8.0, 1.5)  # largest |weight| here: 1.3
     for r in (1, 2):
-        s, p = (load_model(tmp_path / d / f"model_round_{r}.npz") for d in ("secagg", "plain"))
+        s, p = (load_model(d / f"model_round_{r}.npz") for d in (secagg_dir, plain_dir))
         difference = max_difference(s, p)
         assert difference > 0, "bit-identical: SecAgg+ was not on"
         # Round 2 trains from round 1's slightly different models, and training amplifies
@@ -85,19 +99,16 @@ def fedavg_of(data: pathlib.Path, clients: int) -> dict[str, np.ndarray]:
     return {name: a for (name, _), a in zip(model.param_spec(), result.arrays)}
 
 
-def test_a_client_dropping_out_mid_round_does_not_stop_secagg(flwr_env, app_data, tmp_path,
-                                                              app_copy):
+def test_a_client_dropping_out_mid_round_does_not_stop_secagg(secagg_runs, app_data):
     """Partition 2 fails after the key exchange (tests/secagg_dropout_app.py); the server
     recovers its masks from the other two and averages their models."""
-    app = app_copy(tmp_path / "app", REPO / "tests" / "secagg_dropout_app.py")
-    output, run = flwr_run(flwr_env, app_config(app_data, tmp_path / "secagg",
-                                                **{"num-server-rounds": 2}, **SECAGG), app=app)
+    results, output, run = secagg_runs["dropout"]
     assert run["status"] == "finished:completed", output
     assert "partition 2 drops out (stage collect_masked_vectors)" in output
-    assert [(r["round"], r["clients_fit"], r["failures"]) for r in records(
-        tmp_path / "secagg")] == [(0, 0, 0), (1, 2, 1), (2, CLIENTS, 0)], output
+    assert [(r["round"], r["clients_fit"], r["failures"]) for r in records(results)
+            ] == [(0, 0, 0), (1, 2, 1), (2, CLIENTS, 0)], output
     survivors = fedavg_of(app_data, 2)
-    round_1 = load_model(tmp_path / "secagg" / "model_round_1.npz")
+    round_1 = load_model(results / "model_round_1.npz")
     bound = secagg_bound(shard_sizes(app_data)[:2], 8.0, 1.5)
     assert 0 < max_difference(round_1, survivors) <= bound
     everyone = fedavg_of(app_data, 3)  # what the round would be without the dropout
