@@ -33,9 +33,8 @@ from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 # mod reads to know the stage a SecAgg+ message belongs to. Flower keeps them in
 # flwr.common.secure_aggregation, outside flwr.common's exports.
 __all__ = ["KEY_CLIPPING_NORM", "RECORD_KEY_CONFIGS", "Key", "Stage", "app_path_expired_reply",
-           "fit_res_wire_bytes",
-           "grid_client_proxy", "is_closed_connection", "record_dict_wire_bytes",
-           "task_identity", "trigger_exit_handlers"]
+           "fit_res_wire_bytes", "grid_client_proxy", "is_closed_connection",
+           "record_dict_wire_bytes", "task_identity", "trigger_exit_handlers"]
 
 
 def is_closed_connection(error: BaseException) -> bool:
