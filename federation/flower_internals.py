@@ -20,6 +20,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import (  # noqa: F401
     RECORD_KEY_CONFIGS, Key, Stage)
 from flwr.proto.transport_pb2 import ClientMessage  # pylint: disable=no-name-in-module
 from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridgeClosed
+# The fit-config key in which Flower's fixedclipping_mod (client_app.py, DP under SecAgg+)
+# expects the clipping norm: Flower's server-side DP wrappers send it, and export no name.
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 # server.py calls trigger_exit_handlers(run_before_force_exit=False) to stop the gRPC server
 # that flwr.server.start_server leaves running when it raises: start_server stops it only
 # when it returns, and otherwise only through this exit handler (run on Flower's own signal
@@ -29,9 +32,9 @@ from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 # SecAgg+'s record key, config keys and stage names (re-exported above): what a ClientApp
 # mod reads to know the stage a SecAgg+ message belongs to. Flower keeps them in
 # flwr.common.secure_aggregation, outside flwr.common's exports.
-__all__ = ["RECORD_KEY_CONFIGS", "Key", "Stage", "app_path_expired_reply", "fit_res_wire_bytes",
-           "grid_client_proxy", "is_closed_connection", "record_dict_wire_bytes",
-           "task_identity", "trigger_exit_handlers"]
+__all__ = ["KEY_CLIPPING_NORM", "RECORD_KEY_CONFIGS", "Key", "Stage", "app_path_expired_reply",
+           "fit_res_wire_bytes", "grid_client_proxy", "is_closed_connection",
+           "record_dict_wire_bytes", "task_identity", "trigger_exit_handlers"]
 
 
 def is_closed_connection(error: BaseException) -> bool:

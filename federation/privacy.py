@@ -101,12 +101,23 @@ def dp_fedavg(global_arrays: Arrays, client_arrays: Sequence[Arrays], config: DP
         norms.append(norm)
         for acc, d in zip(total, delta):
             acc += d
+    return noised_average(global_arrays, total, config, num_sampled, rng), norms
+
+
+def noised_average(global_arrays: Arrays, clipped_sum: Arrays, config: DPConfig,
+                   num_sampled: int, rng: np.random.Generator) -> Arrays:
+    """DP-FedAvg's server step from the sum of the clipped updates Σ_k Δ_k (float64):
+    w + (Σ_k Δ_k + N(0, σ²C²·I)) / m, as float32.
+
+    dp_fedavg clips and sums on the server; under SecAgg+ the clients clip and the server
+    gets only the sum (secure_aggregation.py): both end here, with the same noise draws.
+    """
     std = config.noise_multiplier * config.clipping_norm
     new = []
-    for g, acc in zip(global_arrays, total):
+    for g, acc in zip(global_arrays, clipped_sum, strict=True):
         noise = rng.normal(0.0, std, g.shape) if std > 0 else 0.0
         new.append((np.asarray(g, np.float64) + (acc + noise) / num_sampled).astype(np.float32))
-    return new, norms
+    return new
 
 
 def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:

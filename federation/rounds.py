@@ -36,8 +36,8 @@ def aggregate_updates(global_arrays: Arrays, updates: Sequence[Update], *, serve
     norms = [update_norm(arrays, global_arrays) for arrays, _ in updates]
     stats: dict = {"update_norm": float(np.median(norms))}
     if dp is not None:
-        rng = np.random.default_rng([seed, server_round, DP_NOISE_STREAM])
-        new, _ = privacy.dp_fedavg(global_arrays, [a for a, _ in updates], dp, num_sampled, rng)
+        new, _ = privacy.dp_fedavg(global_arrays, [a for a, _ in updates], dp, num_sampled,
+                                   dp_noise_rng(seed, server_round))
         stats["clipped"] = sum(n > dp.clipping_norm for n in norms)
         return new, stats
     if aggregation == "krum" and len(updates) < krum_minimum_clients(krum_malicious):
@@ -46,6 +46,11 @@ def aggregate_updates(global_arrays: Arrays, updates: Sequence[Update], *, serve
             krum_malicious, krum_minimum_clients(krum_malicious))
     return aggregate(aggregation, updates, trim_fraction=trim_fraction,
                      num_malicious=krum_malicious), stats
+
+
+def dp_noise_rng(seed: int, server_round: int) -> np.random.Generator:
+    """The generator of this round's DP noise (DP-FedAvg, and DP under SecAgg+)."""
+    return np.random.default_rng([seed, server_round, DP_NOISE_STREAM])
 
 
 def train_metrics(replies: Sequence[tuple[int, Mapping]]) -> dict:

@@ -8,6 +8,13 @@ average. Per-client validation and robust rules are then impossible; this file h
 remains: checks on the average, the round's counts, and the bytes the clients sent.
 server_app.py runs the workflow with `secagg = true`; client_app.py switches the clients'
 side on from the same key.
+
+DP under SecAgg+ (with `dp-noise-multiplier`) is DP-FedAvg (privacy.py) with its clipping
+moved to the clients, as in Flower's fl-dp-sa example: each client sends w + clip(w_k - w, C)
+with weight 1 (client_app.py), so the unmasked average is w + Σ_k Δ_k / K over the K
+clients in it; the server adds N(0, σ²C²) to K times (average - w), the sum of the clipped
+updates, and divides by the m clients sampled: privacy.noised_average, the same step and
+the same seeded noise as DP-FedAvg. Only SecAgg+'s quantization differs (tests/test_secagg.py).
 """
 
 from collections.abc import Sequence
@@ -21,7 +28,7 @@ from flwr.server import Grid
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from federation import flower_internals, rounds
+from federation import flower_internals, privacy, rounds
 from federation.aggregation import Arrays
 from federation.failures import failure_reason
 from federation.settings import ServerSettings
@@ -44,7 +51,9 @@ def secagg_workflow(settings: ServerSettings, strategy: RoundState) -> DefaultWo
         # +-clipping_range. With the largest shard as max_weight that factor is <= 1, so
         # the clipping never cuts an honest weight smaller than clipping_range (Flower's
         # default, 1,000, would multiply a 5,400-example client's weights by 5.4 first).
-        max_weight=float(max(strategy.shard_sizes)),
+        # Under DP every client sends weight 1 (client_app.py: DP-FedAvg counts each client
+        # once, whatever its data), so max_weight 1 keeps that factor exactly 1.
+        max_weight=1.0 if settings.dp else float(max(strategy.shard_sizes)),
         timeout=settings.round_timeout)  # per stage: a round has four
 
     def fit_round(grid: Grid, context: Context) -> None:
@@ -77,9 +86,14 @@ def masked_reply_bytes(res: FitRes, global_arrays: Arrays) -> int:
 def checked_average(true_round: int, results: list[tuple[ClientProxy, FitRes]],
                     failures: list, clients_sampled: int, global_arrays: Arrays,
                     clipping_range: float, max_update_ratio: float,
-                    array_names: Sequence[str]) -> tuple[Arrays | None, dict]:
+                    array_names: Sequence[str], dp: privacy.DPConfig | None = None,
+                    seed: int = 0) -> tuple[Arrays | None, dict]:
     """SecAgg+'s average if it passes the checks that are left (else None), and the
     round's counts: clients_fit, failures, bytes_received, train loss/accuracy.
+
+    With dp, the average of the clients' clipped models becomes DP-FedAvg's noised one
+    (see above), its noise drawn as DP-FedAvg's, from `seed` and the round. The server sees
+    no client's own update, so the record's update_norm and clipped stay empty (None).
 
     Flower's SecAggPlusWorkflow calls aggregate_fit once it has unmasked the sum:
     `results` are the clients whose masked models are in it, and every one of them
@@ -101,13 +115,21 @@ def checked_average(true_round: int, results: list[tuple[ClientProxy, FitRes]],
         log(WARNING, "round %d: no masked model; the global model stays as it was",
             true_round)
         return None, stats
+    unmasked = parameters_to_ndarrays(replies[0].parameters)  # float64
     # The same float32 arrays FedAvg would give (arrays too large for float32 become Inf).
-    average = [a.astype(np.float32) for a in parameters_to_ndarrays(replies[0].parameters)]
+    average = [a.astype(np.float32) for a in unmasked]
     reason = validate_arrays(average, global_arrays, max_update_ratio, array_names)
     if reason is not None:
         log(WARNING, "round %d: rejected the securely aggregated model: %s; the global "
             "model stays as it was", true_round, reason)
         return None, stats
+    if dp is not None:
+        stats.update(update_norm=None, clipped=None)
+        clipped_sum = [len(replies) * (a - np.asarray(g, np.float64))
+                       for a, g in zip(unmasked, global_arrays, strict=True)]
+        average = privacy.noised_average(global_arrays, clipped_sum, dp, clients_sampled,
+                                         rounds.dp_noise_rng(seed, true_round))
+    # The clients send this model's weights (plus, under DP, their update) next round.
     largest = max(float(np.abs(a).max(initial=0.0)) for a in average)
     if largest > clipping_range / 2:  # honest weights may soon be clipped
         log(WARNING, "round %d: the largest weight, %.3g, is over half of SecAgg+'s "

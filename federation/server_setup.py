@@ -19,7 +19,7 @@ import numpy as np
 from flwr.common import log
 
 import model
-from federation import privacy, run_lock, server_optimizers, shards
+from federation import flower_internals, privacy, run_lock, server_optimizers, shards
 from federation.aggregation import Arrays
 from federation.results import ResultsDir, resume_mismatch
 # ServerSettings and SetupError are declared in settings.py (with every setting's flag and
@@ -44,10 +44,14 @@ def server_optimizer_config(settings: ServerSettings) -> dict[str, Any]:
 
 
 def fit_config(settings: ServerSettings) -> dict[str, Any]:
-    """The local-training settings sent to every client each round (with "server_round")."""
+    """The local-training settings sent to every client each round (with "server_round"),
+    and under DP with SecAgg+ the clipping norm the clients' fixedclipping_mod reads."""
+    clipping = ({flower_internals.KEY_CLIPPING_NORM: settings.dp_clipping_norm}
+                if settings.secagg and settings.dp else {})
     return {"local_epochs": settings.local_epochs, "batch_size": settings.batch_size,
             "client_optimizer": settings.client_optimizer,
-            "learning_rate": settings.learning_rate, "proximal_mu": settings.proximal_mu}
+            "learning_rate": settings.learning_rate, "proximal_mu": settings.proximal_mu,
+            **clipping}
 
 
 def run_config(settings: ServerSettings, manifest_sha256: str) -> dict:
@@ -201,8 +205,9 @@ def log_rule(settings: ServerSettings) -> None:
     dp = settings.dp
     if dp is not None:
         m = settings.clients_per_round()
-        log(INFO, "DP-FedAvg: updates clipped to norm %g, noise multiplier %g (noise std %.3g "
-            "on the average of %d clients); after %d rounds ε = %.3g at δ = %g", dp.clipping_norm,
+        log(INFO, "DP-FedAvg: updates clipped %sto norm %g, noise multiplier %g (noise std %.3g "
+            "on the average of %d clients); after %d rounds ε = %.3g at δ = %g",
+            "by the clients, under SecAgg+, " if settings.secagg else "", dp.clipping_norm,
             dp.noise_multiplier, dp.noise_std(m), m, settings.rounds,
             privacy.epsilon(dp.noise_multiplier, settings.fraction_fit, settings.rounds,
                             dp.delta), dp.delta)

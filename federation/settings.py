@@ -270,21 +270,19 @@ class ServerSettings:
                     f"per round (min-clients x fraction-fit)")
         if not self.clipping_range > 0:
             return f"clipping-range must be > 0, got {self.clipping_range}"
-        if self.needs_individual_updates():
-            return (f"secagg cannot be combined with {', '.join(self.needs_individual_updates())}"
-                    ": it needs each client's own update, and SecAgg+ shows the server only "
-                    "their sum")
+        if self.aggregation != "fedavg":  # a robust rule compares the clients' own updates
+            return (f"secagg cannot be combined with aggregation {self.aggregation}: it needs "
+                    "each client's own update, and SecAgg+ shows the server only their sum")
+        # DP under SecAgg+: a client sends w + Δ with ||Δ|| <= C, so one weight by up to
+        # w_i + C, clipped to +-clipping-range before masking (a cut update is no longer
+        # DP-FedAvg's). The server warns once a weight |w_i| passes half the range
+        # (secure_aggregation.checked_average); C <= half keeps w_i + Δ_i within it.
+        if self.dp_noise_multiplier is not None and self.dp_clipping_norm > self.clipping_range / 2:
+            return (f"dp-clipping-norm {self.dp_clipping_norm:g} is more than half of "
+                    f"clipping-range {self.clipping_range:g}: under SecAgg+ a client sends "
+                    "its weights plus its clipped update, and the range must carry both; "
+                    f"raise clipping-range to at least {2 * self.dp_clipping_norm:g}")
         return None
-
-    def needs_individual_updates(self) -> list[str]:
-        """The settings switched on that need every client's own update, not just the sum.
-
-        DP-FedAvg here clips each update on the server, and a robust rule compares them.
-        (Clipping on the clients, Flower's fixedclipping_mod, would work with SecAgg+;
-        this repository does not offer that combination yet.)
-        """
-        return ([f"aggregation {self.aggregation}"] if self.aggregation != "fedavg" else []) + (
-            ["dp-noise-multiplier"] if self.dp_noise_multiplier is not None else [])
 
 
 # ------------------------------------------------------------------- reading the table

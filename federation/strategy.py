@@ -155,7 +155,8 @@ class CheckedFedAvg(FedAvg):
         if self.secagg_clipping_range is not None:  # SecAgg+: only the average to check
             average, stats = secure_aggregation.checked_average(
                 true_round, results, failures, self.round_record["clients_sampled"], self._global,
-                self.secagg_clipping_range, self.max_update_ratio, self.array_names)
+                self.secagg_clipping_range, self.max_update_ratio, self.array_names,
+                self.dp, self.rule.keywords["seed"])  # DP under SecAgg+: noise on the sum
             self.round_record.update(stats)
             return self._new_global(average)
         self.failure_log.log(true_round, "failed", results, failures)

@@ -26,6 +26,7 @@ INTERNALS = [
     ("flwr.common.secure_aggregation.secaggplus_constants", "Key"),
     ("flwr.common.secure_aggregation.secaggplus_constants", "Stage"),
     ("flwr.supercore.task_identity", "TaskIdentity"),
+    ("flwr.supercore.differential_privacy", "KEY_CLIPPING_NORM"),
     ("flwr.server.compat.grid_client_proxy", "GridClientProxy"),
     ("flwr.server.superlink.linkstate.utils", "create_message_error_unavailable_res_message"),
 ]

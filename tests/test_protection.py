@@ -125,6 +125,33 @@ def test_dp_noise_has_the_stated_standard_deviation():
     assert np.array_equal(again[0], new[0]) and not np.array_equal(other[0], new[0])
 
 
+def test_dp_under_secagg_is_dp_fedavg_from_the_unmasked_average():
+    """SecAgg+ hands the server only the average of the clients' clipped models, each of
+    weight 1 (client_app.py): 2 of 3 sampled here. K x (average - w) is the sum of the
+    clipped updates; the noise and the division by m = 3 are DP-FedAvg's, to the bit."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters  # noqa: PLC0415
+
+    from federation import rounds, secure_aggregation  # noqa: PLC0415
+    g = [np.array([[0.5, -1.0]], np.float32), np.array([2.0], np.float32)]
+    clients = [[np.array([[3.5, 3.0]], np.float32), np.array([2.0], np.float32)],  # norm 5
+               [np.array([[0.5, -0.5]], np.float32), np.array([2.0], np.float32)]]  # 0.5
+    config = privacy.DPConfig(noise_multiplier=0.5, clipping_norm=1.0)
+    clipped = [[w + d for w, d in zip(g, privacy.clip([c - w for c, w in zip(arrays, g)],
+                                                       1.0)[0])] for arrays in clients]
+    average = [(a + b) / 2 for a, b in zip(*clipped)]  # what SecAgg+ unmasks (float64)
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(average), 1, {})
+    got, stats = secure_aggregation.checked_average(
+        4, [(None, res), (None, res)], [Exception("dropped")], 3, g, 8.0, 100.0, ["a", "b"],
+        config, seed=7)
+    want, _ = privacy.dp_fedavg(g, clients, config, 3, rounds.dp_noise_rng(7, 4))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert (stats["clients_fit"], stats["failures"], stats["clipped"]) == (2, 1, None)
+    noiseless, _ = privacy.dp_fedavg(g, clients, privacy.DPConfig(0.0, 1.0), 3,
+                                     rounds.dp_noise_rng(7, 4))
+    assert np.abs(got[0] - noiseless[0]).min() > 1e-3  # the noise is there
+
+
 def gaussian_epsilon(mu: float, delta: float) -> float:
     """The exact ε of a Gaussian mechanism with sensitivity/σ = mu at δ (Balle & Wang 2018,
     Theorem 8), by bisection: δ(ε) = Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2)."""
@@ -195,14 +222,26 @@ def test_an_unknown_accountant_is_one_line():
     ({"aggregation": "median", "dp_noise_multiplier": 1.0},
      "dp-noise-multiplier works with aggregation fedavg only"),
     ({"aggregation": "mean"}, "aggregation 'mean' is not one of fedavg, median, "),
-    ({"secagg": True, "dp_noise_multiplier": 1.0},
-     "secagg cannot be combined with dp-noise-multiplier: it needs each client's own update"),
+    # DP under SecAgg+: a client sends w + Δ (each |Δ_i| <= C) in +-clipping-range, and
+    # the server keeps |w_i| under half of it: C must fit in the other half.
+    ({"secagg": True, "dp_noise_multiplier": 1.0, "dp_clipping_norm": 4.5},
+     "dp-clipping-norm 4.5 is more than half of clipping-range 8: under SecAgg+ a client "
+     "sends its weights plus its clipped update, and the range must carry both; raise "
+     "clipping-range to at least 9"),
     ({"secagg": True, "aggregation": "krum"},
      "secagg cannot be combined with aggregation krum: it needs each client's own update"),
 ])
 def test_bad_protection_settings_are_one_line(changes, message):
     problem = ServerSettings(**changes).problem()
     assert problem.startswith(message) and "\n" not in problem
+
+
+def test_dp_under_secagg_is_allowed_while_the_range_carries_the_clipping_norm():
+    for norm in (1.0, 4.0):  # 4.0: exactly half of the default range 8
+        assert ServerSettings(secagg=True, dp_noise_multiplier=1.0,
+                              dp_clipping_norm=norm).problem() is None
+    assert ServerSettings(secagg=True, dp_noise_multiplier=1.0, dp_clipping_norm=4.5,
+                          clipping_range=9.0).problem() is None
 
 
 def test_server_refuses_bad_protection_flags_before_starting(tmp_path, procs, data_dir):

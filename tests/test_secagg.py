@@ -113,3 +113,52 @@ def test_a_client_dropping_out_mid_round_does_not_stop_secagg(secagg_runs, app_d
     assert 0 < max_difference(round_1, survivors) <= bound
     everyone = fedavg_of(app_data, 3)  # what the round would be without the dropout
     assert max_difference(round_1, everyone) > 100 * bound
+
+
+def simulated(data: pathlib.Path, **settings) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """(records, model) of federation/simulation.py's run of these settings on every shard."""
+    import model  # noqa: PLC0415
+    from federation import shards, simulation  # noqa: PLC0415
+    from federation.server_setup import ServerSettings  # noqa: PLC0415
+    partitions, test_set = shards.load_all(data)
+    result = simulation.run(ServerSettings(min_clients=CLIENTS, local_epochs=1, batch_size=32,
+                                           **settings), partitions, test_set,
+                            federated_evaluation=False)
+    return result.records, {name: a for (name, _), a in zip(model.param_spec(), result.arrays)}
+
+
+def test_dp_under_secagg_is_dp_fedavg_up_to_the_quantization(flwr_env, app_data, tmp_path):
+    """One round of DP under SecAgg+ (clients clip, server noises the unmasked sum) against
+    DP-FedAvg without SecAgg+ (simulation.py) at the same σ, C and seed: the same ε, the
+    same noise, the same model up to SecAgg+'s quantization."""
+    sigma, norm = 0.5, 1.0
+    output, run = flwr_run(flwr_env, app_config(
+        app_data, tmp_path / "dp", **SECAGG, **{"num-server-rounds": 1,
+                                               "dp-noise-multiplier": sigma,
+                                               "dp-clipping-norm": norm}))
+    assert run["status"] == "finished:completed", output
+    assert output.count("Secure aggregation completed.") == 1
+    app = records(tmp_path / "dp")
+    dp_records, dp_model = simulated(app_data, rounds=1, dp_noise_multiplier=sigma,
+                                     dp_clipping_norm=norm)
+    assert app[1]["clients_fit"] == CLIENTS
+    for key in ("epsilon", "epsilon_rdp"):  # the same accountant for the same σ, q, rounds
+        assert app[1][key] == dp_records[1][key] and math.isfinite(app[1][key])
+    assert (app[1]["update_norm"], app[1]["clipped"]) == (None, None)  # no update seen alone
+
+    secagg = load_model(tmp_path / "dp" / "model_round_1.npz")
+    largest = max(float(np.abs(a).max()) for a in dp_model.values())
+    # Every client sends weight 1, so the average's error is secagg_bound of equal sizes (2
+    # steps); the server multiplies it by K / m = 1. 1e-6 (largest + C) covers float32:
+    # the clients' clipping, w + Δ, and the final rounding.
+    bound = secagg_bound([1] * CLIENTS, 8.0, largest + norm)
+    assert 0 < max_difference(secagg, dp_model) <= bound, (max_difference(secagg, dp_model),
+                                                           bound)
+    # Noise really was added: against the same clipping without noise (σ = 0), every
+    # weight moved by N(0, σ²C²) / m, whose standard deviation the 207k weights pin down.
+    _, clipped_only = simulated(app_data, rounds=1, dp_noise_multiplier=0.0,
+                                dp_clipping_norm=norm)
+    moved = np.concatenate([(secagg[k].astype(np.float64) - clipped_only[k]).ravel()
+                            for k in secagg])
+    assert abs(moved.std() / (sigma * norm / CLIENTS) - 1) < 0.02, moved.std()
+    assert abs(moved.mean()) < 0.01 * sigma * norm / CLIENTS
