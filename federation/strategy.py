@@ -58,7 +58,6 @@ if TYPE_CHECKING:  # server_optimizers.py needs JAX; this file does not
 
 class CheckedFedAvg(FedAvg):
     """FedAvg with validated updates, deterministic aggregation, results and resume.
-
     Rounds are numbered as in the whole run: after resuming from round r, Flower's round k
     is round r + k here, in the fit config sent to clients, in the log and in results.
     """
@@ -155,8 +154,8 @@ class CheckedFedAvg(FedAvg):
         if self.secagg_clipping_range is not None:  # SecAgg+: only the average to check
             average, stats = secure_aggregation.checked_average(
                 true_round, results, failures, self.round_record["clients_sampled"], self._global,
-                self.secagg_clipping_range, self.max_update_ratio, self.array_names,
-                self.dp, self.rule.keywords["seed"])  # DP under SecAgg+: noise on the sum
+                self.secagg_clipping_range, self.max_update_ratio, self.array_names, self.dp,
+                self.rule.keywords["seed"])  # with DP, the noise goes on the unmasked sum
             self.round_record.update(stats)
             return self._new_global(average)
         self.failure_log.log(true_round, "failed", results, failures)
