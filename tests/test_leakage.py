@@ -2,9 +2,9 @@
 images and scores worked out by hand, the inversion on a tiny fixed case (one real digit,
 a briefly trained CNN), the membership attack against DP noise on a tiny federation."""
 
-import importlib.util
 import math
-import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,17 +13,7 @@ import pytest
 import model
 from federation import leakage, shards, simulation
 from federation.server_setup import ServerSettings
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    """benchmarks/bench_leakage.py as a module (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_leakage", REPO / "benchmarks" / "bench_leakage.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import ENV, REPO
 
 
 def test_psnr_ssim_auc_and_tpr_on_hand_made_cases():
@@ -91,27 +81,34 @@ def test_membership_auc_falls_with_the_noise(digits):
     assert aucs[0] > 0.7 and aucs[1] < aucs[0] - 0.1 and aucs[2] < aucs[1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["invert", "--data-dir", "D", "--sigma", "-0.5"],
-     "argument --sigma: must be >= 0, got -0.5"),
-    (["membership", "--data-dir", "D", "--sigma", "1", "-1"],
-     "argument --sigma: must be >= 0, got -1.0"),
-    (["membership", "--data-dir", "D", "--accountant", "moments"],
-     "argument --accountant: invalid choice: 'moments' (choose from 'pld', 'rdp')"),
-])
-def test_bench_flags_are_refused_in_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        load_bench().parse_args(argv)
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+BENCH = [sys.executable, str(REPO / "benchmarks" / "bench_leakage.py")]
 
 
-def test_an_image_outside_the_shard_is_one_line_before_anything_runs(data_dir, tmp_path):
+def test_bench_refuses_bad_input_in_one_line(data_dir, tmp_path):
+    """The benchmark as a user runs it: each refusal is one line and a non-zero exit,
+    before anything runs or is written (the processes start together)."""
     out = tmp_path / "grid.png"
-    with pytest.raises(SystemExit) as exit_info:
-        load_bench().main(["invert", "--data-dir", str(data_dir), "--image", "5000",
-                           "--out", str(out)])
-    message = str(exit_info.value.code)
-    assert message.startswith("bench_leakage.py: error: --image 5000 is outside partition "
-                              "0's shard") and "\n" not in message
+    cases = [  # (arguments, exit status, the end of the one line on stderr)
+        (["invert", "--data-dir", "D", "--sigma", "-0.5"], 2,
+         "argument --sigma: must be >= 0, got -0.5"),
+        (["membership", "--data-dir", "D", "--sigma", "1", "-1"], 2,
+         "argument --sigma: must be >= 0, got -1.0"),
+        (["membership", "--data-dir", "D", "--accountant", "moments"], 2,
+         "argument --accountant: invalid choice: 'moments' (choose from 'pld', 'rdp')"),
+        (["invert", "--data-dir", str(data_dir), "--image", "5000", "--out", str(out)], 1,
+         None),
+    ]
+    procs = [subprocess.Popen(BENCH + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV, cwd=tmp_path) for argv, _, _ in cases]
+    for proc, (argv, status, message) in zip(procs, cases):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == status, (argv, err)
+        assert "Traceback" not in err, err
+        line = err.strip().splitlines()[-1]
+        if message is not None:
+            assert line.endswith(message), (argv, err)
+        else:  # the image outside the shard: named in one line, nothing drawn
+            assert line.startswith("bench_leakage.py: error: --image 5000 is outside "
+                                   "partition 0's shard"), err
+            assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
