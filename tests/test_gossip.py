@@ -130,3 +130,66 @@ def test_consensus_distance_by_hand():
     assert gossip.consensus_distance([a, b]) == 2.5
     assert gossip.distance(a, b) == 5.0
     assert gossip.rms([3.0, 4.0]) == pytest.approx(np.sqrt(12.5))
+
+
+# ------------------------------------------------------ the one-process gossip run
+
+def tiny_partitions(n: int, size: int = 48, seed: int = 0):
+    """n equal shards of random images and labels (the numbers, not the accuracy, count)."""
+    from federation.shards import Partition  # noqa: PLC0415
+    rng = np.random.default_rng(seed)
+    return [Partition(rng.integers(0, 256, (size, 28, 28), np.uint8),
+                      rng.integers(0, 10, size).astype(np.int32),
+                      rng.integers(0, 256, (8, 28, 28), np.uint8),
+                      rng.integers(0, 10, 8).astype(np.int32)) for _ in range(n)]
+
+
+def tiny_test_set():
+    rng = np.random.default_rng(99)
+    return rng.integers(0, 256, (50, 28, 28), np.uint8), rng.integers(0, 10, 50).astype(np.int32)
+
+
+def test_complete_graph_with_equal_shards_is_fedavg():
+    """One round: FedAvg weighs clients by examples, the complete graph weighs peers
+    1/n; with equal shards both are the plain mean of the same trained models."""
+    from federation import gossip_simulation, simulation  # noqa: PLC0415
+    from federation.peer_round import GossipSettings  # noqa: PLC0415
+    from federation.server_setup import ServerSettings  # noqa: PLC0415
+    parts, test_set = tiny_partitions(4), tiny_test_set()
+    fedavg = simulation.run(ServerSettings(rounds=1, min_clients=4, local_epochs=1),
+                            parts, test_set, federated_evaluation=False)
+    peers = gossip_simulation.run(GossipSettings("complete", rounds=1, local_epochs=1),
+                                  parts, test_set)
+    for model in peers.models:
+        for a, b in zip(model, fedavg.arrays):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    summary = peers.rounds[1].summary
+    assert summary["consensus_distance"] == 0.0  # one exact average: all peers agree
+    assert summary["consensus_distance_trained"] > 0  # their trained models did not
+    assert summary["average_model_accuracy"] == summary["worst_test_accuracy"]
+    # Each peer sent its model to the 3 others and received theirs.
+    from federation.peer_round import model_bytes  # noqa: PLC0415
+    assert peers.rounds[1].peers[0]["bytes_sent"] == 3 * model_bytes() == 3 * 4 * 206_922
+
+
+def test_learning_rate_zero_is_gossip_alone():
+    """Distinct starting models and no learning: the peers' mean stays, and the spread
+    shrinks at least as fast as |λ₂|^t, through the whole training path."""
+    from federation import gossip_simulation  # noqa: PLC0415
+    from federation.peer_round import GossipSettings, initial_model  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import model  # noqa: PLC0415
+    n = 4
+    starts = [model.params_to_ndarrays(model.init_params(jax.random.key(k))) for k in range(n)]
+    settings = GossipSettings("ring", rounds=3, local_epochs=1, learning_rate=0.0)
+    run = gossip_simulation.run(settings, tiny_partitions(n, size=8), tiny_test_set(),
+                                initial_models=starts)
+    lam = gossip.second_eigenvalue(gossip.metropolis_hastings(gossip.topology("ring", n)))
+    d0 = run.rounds[0].summary["consensus_distance"]
+    assert d0 > 0 and initial_model(0)[0].tobytes() == starts[0][0].tobytes()
+    for t, done in enumerate(run.rounds[1:], 1):
+        assert done.summary["consensus_distance"] <= lam**t * d0 + 1e-5
+        assert done.summary["consensus_distance_trained"] == pytest.approx(
+            run.rounds[t - 1].summary["consensus_distance"])  # training moved nothing
+    for a, b in zip(gossip.mean_model(run.models), gossip.mean_model(starts)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
