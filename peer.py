@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -53,6 +54,10 @@ class State:
     """Where this peer stands, for the one line it says when it stops early."""
 
     results_dir: pathlib.Path
+    rank: int = 0
+    peers: int = 0
+    timeout: float = 0.0
+    connected: bool = False     # in the run's coordination service
     last_saved: int | None = None
     saving: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -63,12 +68,32 @@ class State:
         return f"round {self.last_saved} is its last saved round in {self.results_dir}"
 
 
-def stop(state: State, text: str, code: int) -> None:
-    """Say one line and leave at once (between two saves, never inside one)."""
+def stop(state: State, text: str, code: int, missing: Sequence[int] = ()) -> None:
+    """Say one line and leave at once (between two saves, never inside one).
+
+    Peer 0 runs the coordination service, and JAX ends every process whose service
+    vanishes, with a fatal log of its own: so the others say that they stop (one key
+    each) and peer 0 leaves last, once every live peer has, or after --timeout.
+    """
     with state.saving:
         print(f"{PROG}: {text}; {state.saved()} (restart every peer with --resume)",
               file=sys.stderr, flush=True)
-        gossip_transport.leave_now(code)
+        if state.connected:
+            try:
+                gossip_transport.publish(f"stopped/{state.rank}", "1")
+                if state.rank == 0:
+                    gossip_transport.wait_for_ranks(
+                        "stopped", [r for r in range(state.peers) if r not in missing],
+                        state.timeout)
+            except Exception:  # noqa: BLE001  (leaving anyway: the others time out too)
+                pass
+        leave(state, code)
+
+
+def leave(state: State, code: int) -> None:
+    """Let go of the results directory, then exit at once (gossip_transport.leave_now)."""
+    run_lock.release(state.results_dir)  # os._exit skips run_lock's atexit hook
+    gossip_transport.leave_now(code)
 
 
 def stop_on_signals(state: State) -> None:
@@ -161,7 +186,7 @@ def agree(args: argparse.Namespace, config: dict, records: list[dict]) -> int:
     mine = {k: config[k] for k in shared}
     gossip_transport.publish(f"config/{args.rank}", json.dumps(mine))
     for rank, text in enumerate(gossip_transport.wait_for_all(
-            "config", args.peers, args.timeout, "the start")):
+            "config", args.peers, args.start_timeout, "the start")):
         theirs = json.loads(text)
         for key in shared:
             if theirs[key] != mine[key]:
@@ -169,8 +194,8 @@ def agree(args: argparse.Namespace, config: dict, records: list[dict]) -> int:
                                 f"{mine[key]!r}: start every peer with the same settings and data")
     done = records[-1]["round"] if records else -1
     gossip_transport.publish(f"resume/{args.rank}", str(done))
-    rounds = [int(v) for v in gossip_transport.wait_for_all("resume", args.peers, args.timeout,
-                                                             "the start")]
+    rounds = [int(v) for v in gossip_transport.wait_for_all("resume", args.peers,
+                                                             args.start_timeout, "the start")]
     if -1 in rounds and max(rounds) >= 0:
         fresh = [r for r, d in enumerate(rounds) if d < 0]
         raise PeerError(f"peer(s) {fresh} start a new run while others resume: give every "
@@ -184,10 +209,16 @@ def run(args: argparse.Namespace, state: State) -> None:
     topo = gossip.topology(settings.topology, args.peers)
     w = gossip.metropolis_hastings(topo)
     cache = compile_cache.enable(args.jax_cache)
+    problem = gossip_transport.coordinator_problem(args.coordinator, args.rank,
+                                                   args.start_timeout)
+    if problem:
+        raise PeerError(problem)
     try:
-        gossip_transport.connect(args.coordinator, args.peers, args.rank, args.timeout)
+        gossip_transport.connect(args.coordinator, args.peers, args.rank, args.start_timeout,
+                                 args.timeout)
     except Exception as e:  # jaxlib's XlaRuntimeError: nobody answered, or a rank clash
         raise PeerError(connect_problem(args, e)) from None
+    state.connected = True
     stop_on_signals(state)  # after initialize, whose preemption notifier takes SIGTERM
     if arrays is None:
         arrays = peer_round.initial_model(args.seed)
@@ -269,7 +300,7 @@ def connect_problem(args: argparse.Namespace, error: Exception) -> str:
         return f"cannot run the coordinator on {args.coordinator}: {text}"
     if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "UNAVAILABLE" in text:
         return (f"no coordinator (peer 0) and peers answered at {args.coordinator} within "
-                f"{args.timeout:g} s; start peer 0 with the same --coordinator and all "
+                f"{args.start_timeout:g} s; start peer 0 with the same --coordinator and all "
                 f"--peers {args.peers} peers ({text})")
     return f"cannot join the run at {args.coordinator}: {text}"
 
@@ -310,9 +341,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replace the run already in RESULTS_DIR/peer_RANK (deleted once all "
                         "peers have met); without it, a directory that holds a run is refused")
     p.add_argument("--timeout", type=cli.number(float, 1, cli.MAX_SECONDS), default=300.0,
-                   help="seconds a peer waits for the others: to meet at the start and at "
-                        "every exchange; a peer that dies or hangs stops the rest after this "
-                        "long (default: %(default)s)")
+                   help="seconds a peer waits for the others at every exchange, beyond its "
+                        "own training; a peer that dies or hangs stops the rest after this "
+                        "long, each naming it (default: %(default)s)")
+    p.add_argument("--start-timeout", type=cli.number(float, 1, cli.MAX_SECONDS),
+                   default=300.0,
+                   help="seconds a peer waits for the coordinator and for all --peers to "
+                        "meet at the start (default: %(default)s)")
     p.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty,
                    help="JAX's persistent compilation cache, shared by every process on this "
                         f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
@@ -334,19 +369,19 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and run this peer; one line on stderr and a non-zero exit on failure."""
     args = parse_args(argv)
     memory.limit_malloc_arenas()  # before XLA starts its threads
-    state = State(results_dir(args))
+    state = State(results_dir(args), args.rank, args.peers, args.timeout)
     try:
         run(args, state)
     except (PeerError, shards.DataError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        gossip_transport.leave_now(1)  # others may be gone: no exit-time barrier
+        leave(state, 1)  # others may be gone: no exit-time barrier
     except (gossip_transport.PeerMissing, gossip_transport.CoordinatorLost) as e:
         what = (f"lost the coordinator at {args.coordinator} (peer 0): {e}"
                 if isinstance(e, gossip_transport.CoordinatorLost) else str(e))
-        stop(state, f"peer {args.rank} stops: {what}", 1)
+        stop(state, f"peer {args.rank} stops: {what}", 1, getattr(e, "ranks", ()))
     except KeyboardInterrupt:  # before the signal thread started: nothing was written
         print(f"{PROG}: interrupted before the run started", file=sys.stderr)
-        gossip_transport.leave_now(130)
+        leave(state, 130)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ gossip libraries on PyPI need other frameworks or old NumPy (docs/guides/no-serv
 """
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -45,20 +46,52 @@ class CoordinatorLost(Exception):
     """The coordination service (run by peer 0) stopped answering."""
 
 
-def connect(coordinator: str, peers: int, rank: int, timeout: float) -> None:
-    """Join the run: jax.distributed.initialize with timeouts that fit `timeout`.
+def coordinator_problem(coordinator: str, rank: int, timeout: float) -> str | None:
+    """Why this peer cannot reach (or, as peer 0, run) the coordinator, or None.
 
-    initialization_timeout: how long to wait for the coordinator and the other peers.
-    heartbeat_timeout: JAX ends a process whose peer stopped sending heartbeats, without
-    a word of ours; it is set past `timeout`, so that our own wait (wait_for_all) names
-    the missing peer first. shutdown_timeout: how long a finished peer waits for the
-    others at exit.
+    Checked in Python first because JAX ends the process with a fatal log and a C++
+    stack trace when its connection fails (jaxlib offers no way to be told instead).
+    Peer 0 must be able to listen on the port; the others wait up to `timeout` s for
+    something to listen there.
+    """
+    host, _, port = coordinator.rpartition(":")
+    host = host.strip("[]")
+    if rank == 0:
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(port)))
+        except OSError as e:
+            return f"peer 0 cannot run the coordinator on port {port}: {e.strerror}"
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                return (f"no coordinator answered at {coordinator} within {timeout:g} s "
+                        f"({e.strerror or e}); start peer 0 with the same --coordinator")
+            time.sleep(0.2)
+
+
+def connect(coordinator: str, peers: int, rank: int, start_timeout: float,
+            timeout: float) -> None:
+    """Join the run: jax.distributed.initialize with timeouts that fit ours.
+
+    initialization_timeout (start_timeout): how long to wait for the coordinator and the
+    other peers. heartbeat_timeout: JAX ends every process once one stopped sending
+    heartbeats for this long, with a fatal log of its own; it is set past `timeout` (the
+    wait at each exchange), so that our wait (wait_for_all) names the missing peer first.
+    shutdown_timeout: how long a finished peer waits for the others at exit.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     seconds = max(int(timeout), 1)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=peers,
-                               process_id=rank, initialization_timeout=seconds,
-                               heartbeat_timeout_seconds=seconds + 30,
+                               process_id=rank,
+                               initialization_timeout=max(int(start_timeout), 1),
+                               heartbeat_timeout_seconds=2 * seconds + 30,
                                shutdown_timeout_seconds=seconds + 30)
 
 
@@ -81,8 +114,15 @@ def wait_for_all(prefix: str, peers: int, timeout: float, what: str) -> list[str
 
     Raises PeerMissing naming the ranks whose value did not arrive in time.
     """
+    return wait_for_ranks(prefix, range(peers), timeout, what, peers)
+
+
+def wait_for_ranks(prefix: str, ranks: Sequence[int], timeout: float, what: str = "",
+                   peers: int | None = None) -> list[str]:
+    """The values of prefix/RANK for these ranks (wait_for_all for some of them)."""
+    peers = peers if peers is not None else max(ranks, default=-1) + 1
     client, deadline, values = _client(), time.monotonic() + timeout, []
-    for rank in range(peers):
+    for rank in ranks:
         left = max(deadline - time.monotonic(), 0.001)
         try:
             values.append(client.blocking_key_value_get(f"{prefix}/{rank}", int(1000 * left)))

@@ -1,0 +1,119 @@
+"""peer.py as real processes: 4 peers on a ring on the shards of conftest.py's data_dir.
+
+The processes must give, bit for bit, what federation/gossip_simulation.py computes in
+this process; a killed peer must stop the others within --timeout, each with one line,
+and --resume on every peer must end where an uninterrupted run ends.
+"""
+
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from federation import gossip
+from test_federation import free_port, wait_until
+
+PEERS = 4
+ROUNDS = 2
+TIMEOUT = 15  # peer.py --timeout in the fault test: a loaded machine has stragglers
+
+
+def peer_args(port: int, data_dir, results, rank: int, *extra) -> list:
+    return ["--rank", rank, "--peers", PEERS, "--coordinator", f"127.0.0.1:{port}",
+            "--data-dir", data_dir, "--results-dir", results, "--rounds", ROUNDS,
+            "--local-epochs", 1, *extra]
+
+
+def start_peers(procs, name: str, port: int, data_dir, results, *extra) -> None:
+    for rank in range(PEERS):
+        procs.start(f"{name}_{rank}", "peer.py", *peer_args(port, data_dir, results, rank, *extra))
+
+
+@pytest.fixture(scope="module")
+def simulated(data_dir):
+    """The same run in one process."""
+    from federation import gossip_simulation, shards  # noqa: PLC0415
+    from federation.peer_round import GossipSettings  # noqa: PLC0415
+    partitions, test_set = shards.load_all(data_dir)
+    return gossip_simulation.run(GossipSettings("ring", rounds=ROUNDS, local_epochs=1),
+                                 partitions[:PEERS], test_set)
+
+
+def assert_equal_to(simulated, results) -> None:
+    """Every peer's model (bits) and metrics.json (all but the clock) are the simulation's."""
+    import model  # noqa: PLC0415
+    from federation import results as results_dir  # noqa: PLC0415
+    from federation.peer_round import PEER_FIELDS  # noqa: PLC0415
+    for rank in range(PEERS):
+        with np.load(results / f"peer_{rank}" / "global_model.npz", allow_pickle=False) as saved:
+            for (name, _), array in zip(model.param_spec(), simulated.models[rank], strict=True):
+                assert saved[name].tobytes() == array.tobytes(), (rank, name)
+        real = json.loads((results / f"peer_{rank}" / "metrics.json").read_text())
+        expected = [results_dir.saved_record(r.peers[rank], PEER_FIELDS)
+                    for r in simulated.rounds]
+        for record in real + expected:
+            record.pop("round_seconds")
+        assert real == expected, rank
+
+
+def test_peers_equal_the_one_process_run_bit_for_bit(procs, data_dir, tmp_path, simulated):
+    start_peers(procs, "peer", free_port(), data_dir, tmp_path / "results", "--timeout", 60)
+    for rank in range(PEERS):
+        assert procs.wait(f"peer_{rank}", timeout=180) == 0, procs.log(f"peer_{rank}")
+    assert_equal_to(simulated, tmp_path / "results")
+    summaries = [r.summary for r in simulated.rounds]
+    # The peers drift apart while they train and gossip pulls them back: less each round.
+    assert 0 < summaries[2]["consensus_distance"] < summaries[1]["consensus_distance"]
+    network = [r["mean_neighbour_distance"] for r in
+               json.loads((tmp_path / "results" / "peer_0" / "metrics.json").read_text())]
+    assert 0 < network[2] < network[1]
+    assert "round 2/2  peer 1  test accuracy" in procs.out("peer_1")
+
+
+def test_a_gossip_step_over_real_processes_is_w_times_x(procs, tmp_path):
+    """Random weights, one exchange on the complete graph of 4 (3 ppermutes each)."""
+    from gossip_probe import random_model  # noqa: PLC0415
+    port = free_port()
+    for rank in range(PEERS):
+        procs.start(f"probe_{rank}", "tests/gossip_probe.py", rank, PEERS, port, "complete",
+                    tmp_path / f"{rank}.npz")
+    for rank in range(PEERS):
+        assert procs.wait(f"probe_{rank}", timeout=120) == 0, procs.log(f"probe_{rank}")
+    models = [random_model(rank) for rank in range(PEERS)]
+    w = gossip.metropolis_hastings(gossip.topology("complete", PEERS))
+    expected = gossip.gossip_step(w, models)
+    for rank in range(PEERS):
+        with np.load(tmp_path / f"{rank}.npz") as out:
+            assert list(out["senders"]) == [j for j in range(PEERS) if j != rank]
+            assert out["exact"].all()  # the neighbours' weights arrived bit for bit
+            for k in range(2):
+                assert out[f"arr_{k}"].tobytes() == expected[rank][k].tobytes()
+                x = np.stack([m[k].astype(np.float64) for m in models])
+                np.testing.assert_allclose(out[f"arr_{k}"], np.tensordot(w, x, axes=1)[rank],
+                                           rtol=0, atol=1e-6)
+
+
+def test_a_killed_peer_stops_the_others_and_resume_matches(procs, data_dir, tmp_path,
+                                                           simulated):
+    results = tmp_path / "results"
+    start_peers(procs, "first", free_port(), data_dir, results, "--timeout", TIMEOUT)
+    metrics = results / "peer_2" / "metrics.json"
+    wait_until(lambda: metrics.exists() and '"round": 1' in metrics.read_text(), 180,
+               "peer 2 to save round 1")
+    procs.procs["first_2"].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    for rank in (0, 1, 3):
+        assert procs.wait(f"first_{rank}", timeout=2 * TIMEOUT + 60) == 1
+        last = procs.err(f"first_{rank}").strip().splitlines()[-1]
+        assert last == (f"peer.py: peer {rank} stops: peer 2 did not reach round 2's exchange "
+                        f"within {TIMEOUT} s (gone or hung); round 1 is its last saved round in "
+                        f"{results / f'peer_{rank}'} (restart every peer with --resume)")
+    assert time.monotonic() - killed < 2 * TIMEOUT + 60  # peer 0 leaves last
+    start_peers(procs, "again", free_port(), data_dir, results, "--timeout", 60, "--resume")
+    for rank in range(PEERS):
+        assert procs.wait(f"again_{rank}", timeout=180) == 0, procs.log(f"again_{rank}")
+    assert_equal_to(simulated, results)
+    assert json.loads((results / "peer_0" / "run_config.json").read_text())[
+        "resumed_after"] == [1]
