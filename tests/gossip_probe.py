@@ -25,7 +25,7 @@ def random_model(rank: int) -> list[np.ndarray]:
 if __name__ == "__main__":
     rank, peers, port, name, out = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
                                     sys.argv[4], sys.argv[5])
-    gossip_transport.connect(f"127.0.0.1:{port}", peers, rank, 60)
+    gossip_transport.connect(f"127.0.0.1:{port}", peers, rank, start_timeout=60, timeout=60)
     topo = gossip.topology(name, peers)
     received = gossip_transport.Exchange(topo, rank)(random_model(rank))
     mixed = gossip.mix_row(gossip.metropolis_hastings(topo), rank,
