@@ -37,8 +37,7 @@ import numpy as np
 
 import model
 from client import load_client_data  # the client's shard check: range, manifest hash
-from federation import (cli, compile_cache, gossip, gossip_transport, memory, peer_round,
-                        run_lock, server_setup, shards)
+from federation import cli, compile_cache, gossip, gossip_transport, memory, peer_round, run_lock, shards
 from federation.peer_round import GossipSettings
 from federation.results import ResultsDir
 
@@ -149,8 +148,8 @@ def prepare(args: argparse.Namespace, state: State) -> tuple:
     if problem:
         raise PeerError(f"--results-dir: {problem}")
     try:
-        server_setup.lock_results_dir(str(state.results_dir))
-    except server_setup.SetupError as e:
+        run_lock.acquire(state.results_dir)  # one live run per directory, as server.py
+    except run_lock.Busy as e:
         raise PeerError(str(e)) from None
     if not args.resume and not args.overwrite and results.run_files():
         raise PeerError(f"{state.results_dir} already holds a run: continue it with --resume, "
@@ -235,7 +234,7 @@ def run(args: argparse.Namespace, state: State) -> None:
     # The run has really started: only now is a previous run's directory replaced.
     results.begin(config, clear=args.overwrite and not args.resume)
     exchange = gossip_transport.Exchange(topo, args.rank)
-    evaluate = server_setup.centralized_evaluator(*test_set)
+    evaluate = peer_round.test_evaluator(*test_set)
     with compile_cache.compiling("peer warm-up"):
         model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
     print(f"peer {args.rank}/{args.peers} on a {topo.name} (neighbours "

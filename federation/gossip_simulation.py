@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from federation import gossip, peer_round, server_setup
+from federation import gossip, peer_round
 from federation.peer_round import Arrays, GossipSettings
 from federation.shards import Partition
 
@@ -79,7 +79,7 @@ def run(settings: GossipSettings, partitions: Sequence[Partition],
         raise ValueError(problem)
     topo = gossip.topology(settings.topology, n)
     w = gossip.metropolis_hastings(topo)
-    test = _cached(server_setup.centralized_evaluator(*test_set))
+    test = _cached(peer_round.test_evaluator(*test_set))
     models = ([list(m) for m in initial_models] if initial_models is not None else
               [peer_round.initial_model(settings.seed)] * n)
     rounds: list[Round] = []

@@ -69,6 +69,16 @@ class GossipSettings:
                 "learning_rate": self.learning_rate, "proximal_mu": 0.0}
 
 
+def test_evaluator(x_test: np.ndarray,
+                   y_test: np.ndarray) -> Callable[[Arrays], tuple[float, float]]:
+    """arrays -> (loss, accuracy) on the test set: what a FedAvg server measures
+    (server_setup.centralized_evaluator, the same calls), for every peer's own model."""
+    def evaluate(arrays: Arrays) -> tuple[float, float]:
+        loss, accuracy = model.evaluate(model.ndarrays_to_params(arrays), x_test, y_test)
+        return float(loss), float(accuracy)
+    return evaluate
+
+
 def model_bytes() -> int:
     """The size of one model on the wire: float32, every parameter once."""
     return 4 * sum(int(np.prod(shape)) for _, shape in model.param_spec())

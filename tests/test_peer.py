@@ -1,8 +1,8 @@
 """peer.py as real processes: 4 peers on a ring on the shards of conftest.py's data_dir.
 
 The processes must give, bit for bit, what federation/gossip_simulation.py computes in
-this process; a killed peer must stop the others within --timeout, each with one line,
-and --resume on every peer must end where an uninterrupted run ends.
+this process (an uninterrupted run); a killed peer must stop the others within --timeout,
+each with one line, and --resume on every peer must still end there.
 """
 
 import json
@@ -17,7 +17,7 @@ from test_federation import free_port, wait_until
 
 PEERS = 4
 ROUNDS = 2
-TIMEOUT = 15  # peer.py --timeout in the fault test: a loaded machine has stragglers
+TIMEOUT = 10  # peer.py --timeout in the fault test: the others wait this long for a peer
 
 
 def peer_args(port: int, data_dir, results, rank: int, *extra) -> list:
@@ -58,20 +58,6 @@ def assert_equal_to(simulated, results) -> None:
         assert real == expected, rank
 
 
-def test_peers_equal_the_one_process_run_bit_for_bit(procs, data_dir, tmp_path, simulated):
-    start_peers(procs, "peer", free_port(), data_dir, tmp_path / "results", "--timeout", 60)
-    for rank in range(PEERS):
-        assert procs.wait(f"peer_{rank}", timeout=180) == 0, procs.log(f"peer_{rank}")
-    assert_equal_to(simulated, tmp_path / "results")
-    summaries = [r.summary for r in simulated.rounds]
-    # The peers drift apart while they train and gossip pulls them back: less each round.
-    assert 0 < summaries[2]["consensus_distance"] < summaries[1]["consensus_distance"]
-    network = [r["mean_neighbour_distance"] for r in
-               json.loads((tmp_path / "results" / "peer_0" / "metrics.json").read_text())]
-    assert 0 < network[2] < network[1]
-    assert "round 2/2  peer 1  test accuracy" in procs.out("peer_1")
-
-
 def test_a_gossip_step_over_real_processes_is_w_times_x(procs, tmp_path):
     """Random weights, one exchange on the complete graph of 4 (3 ppermutes each)."""
     from gossip_probe import random_model  # noqa: PLC0415
@@ -95,8 +81,13 @@ def test_a_gossip_step_over_real_processes_is_w_times_x(procs, tmp_path):
                                            rtol=0, atol=1e-6)
 
 
-def test_a_killed_peer_stops_the_others_and_resume_matches(procs, data_dir, tmp_path,
-                                                           simulated):
+def test_peers_equal_the_one_process_run_through_a_kill_and_resume(procs, data_dir, tmp_path,
+                                                                   simulated):
+    """4 peers on a ring, 2 rounds. Peer 2 is killed once it saved round 1: the others
+    stop within --timeout, each with one line naming it and their last saved round.
+    --resume on all 4 finishes the run, and every peer's model and every record equal
+    the one-process run's, bit for bit: round 1 came from the first processes, round 2
+    from the resumed ones. (One test, not two: real processes cost seconds each.)"""
     results = tmp_path / "results"
     start_peers(procs, "first", free_port(), data_dir, results, "--timeout", TIMEOUT)
     metrics = results / "peer_2" / "metrics.json"
@@ -117,3 +108,10 @@ def test_a_killed_peer_stops_the_others_and_resume_matches(procs, data_dir, tmp_
     assert_equal_to(simulated, results)
     assert json.loads((results / "peer_0" / "run_config.json").read_text())[
         "resumed_after"] == [1]
+    assert "round 2/2  peer 1  test accuracy" in procs.out("again_1")
+    # The peers drift apart while they train and gossip pulls them back: less each round.
+    summaries = [r.summary for r in simulated.rounds]
+    assert 0 < summaries[2]["consensus_distance"] < summaries[1]["consensus_distance"]
+    network = [r["mean_neighbour_distance"] for r in
+               json.loads((results / "peer_0" / "metrics.json").read_text())]
+    assert 0 < network[2] < network[1]
