@@ -115,3 +115,40 @@ def test_peers_equal_the_one_process_run_through_a_kill_and_resume(procs, data_d
     network = [r["mean_neighbour_distance"] for r in
                json.loads((results / "peer_0" / "metrics.json").read_text())]
     assert 0 < network[2] < network[1]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--rank", "4", "--peers", "4"], "--rank 4 must be below --peers 4"),
+    (["--rank", "0", "--peers", "7", "--topology", "torus"], "7 is prime"),
+    (["--rank", "0", "--resume", "--overwrite"], "contradict"),
+    (["--rank", "0", "--coordinator", "localhost"], "is not HOST:PORT"),
+])
+def test_bad_flags_are_refused_while_parsing(flags, words, capsys):
+    import peer  # noqa: PLC0415
+    with pytest.raises(SystemExit) as e:
+        peer.parse_args(flags)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_input_is_one_line_before_any_training(procs, data_dir, tmp_path):
+    """A missing shard, a results directory that holds a run, nobody at the coordinator:
+    one line each, a non-zero exit, nothing written."""
+    port = free_port()
+    held = tmp_path / "held"
+    (held / "peer_1").mkdir(parents=True)
+    (held / "peer_1" / "metrics.json").write_text("[]")
+    cases = {
+        "shard": (["--data-dir", tmp_path / "nothing"], "partition_1.npz not found"),
+        "held": (["--results-dir", held], "already holds a run"),
+        "nobody": (["--start-timeout", 1], f"no coordinator answered at 127.0.0.1:{port}"),
+    }
+    for name, (extra, _) in cases.items():
+        procs.start(name, "peer.py", *peer_args(port, data_dir, tmp_path / name, 1),
+                    *extra)
+    for name, (_, words) in cases.items():
+        assert procs.wait(name, timeout=60) == 1
+        lines = procs.err(name).strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("peer.py: error: ") and words in lines[0]
+        assert not list((tmp_path / name).rglob("*.json")) or name == "held"
+    assert sorted(p.name for p in (held / "peer_1").iterdir()) == ["metrics.json"]
