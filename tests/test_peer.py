@@ -115,6 +115,10 @@ def test_peers_equal_the_one_process_run_through_a_kill_and_resume(procs, data_d
     network = [r["mean_neighbour_distance"] for r in
                json.loads((results / "peer_0" / "metrics.json").read_text())]
     assert 0 < network[2] < network[1]
+    import plot_results  # noqa: PLC0415  (matplotlib: only here)
+    peers = plot_results.load_peers(results)
+    assert [len(p) for p in peers] == [ROUNDS + 1] * PEERS
+    assert plot_results.plot_peers(peers, tmp_path / "peers.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("flags,words", [
