@@ -31,6 +31,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import textwrap
 import time
 
 import jax
@@ -155,7 +156,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
         bottom.xaxis.get_major_locator().set_params(integer=True)
     axes[0, 0].set_ylabel("test accuracy (%)\nsolid: mean peer, dotted: worst")
     axes[1, 0].set_ylabel("consensus distance")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 40 * len(splits) + 20)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
