@@ -15,11 +15,9 @@ def random_models(n: int, seed: int = 0, shapes=((3, 4), (5,))) -> list[list[np.
     return [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(n)]
 
 
-@pytest.mark.parametrize("name", gossip.TOPOLOGIES)
-@pytest.mark.parametrize("n", [2, 4, 6, 10, 16])
+@pytest.mark.parametrize("name,n", [(name, n) for name in gossip.TOPOLOGIES
+                                    for n in (2, 4, 6, 10, 16) if (name, n) != ("torus", 2)])
 def test_mixing_matrix_is_symmetric_and_doubly_stochastic(name, n):
-    if name == "torus" and n == 2:
-        pytest.skip("no torus of 2")
     topo = gossip.topology(name, n)
     w = gossip.metropolis_hastings(topo)
     assert np.array_equal(w, w.T)
