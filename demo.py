@@ -21,11 +21,15 @@ An App run is first stopped through Flower (`flwr stop`), then its processes are
 App (client_app.py, server_app.py) under `flwr run` instead: on Flower's Simulation
 Engine (virtual clients in one process pool), or on the Deployment Engine (a
 flower-superlink and one flower-supernode per partition, on 127.0.0.1). The demo starts
-its own SuperLink, with a private FLWR_HOME, and stops it at the end.
+its own SuperLink, with a private FLWR_HOME, and stops it at the end. --engine gossip
+has no server at all: one peer.py per partition trains and averages with its --topology
+neighbours (docs/guides/no-server.md); the progress line gives the peers' mean and worst
+test accuracy and their distance to their neighbours.
 
     python demo.py                                    # 10 clients, 5 rounds, IID split
     python demo.py --engine simulation --clients 100  # the Flower App, 100 virtual clients
     python demo.py --engine deployment                # SuperLink + 10 SuperNodes
+    python demo.py --engine gossip --topology ring    # no server: 10 peer.py processes
     python demo.py --scheme dirichlet --alpha 0.3     # non-IID label skew
     python demo.py --data-source idx --dataset fashion_mnist \\
                    --idx-dir /usr/share/datasets/fashion-mnist
@@ -50,7 +54,8 @@ import uuid
 import psutil
 
 import partition_data
-from federation import attacks, cli, compile_cache, run_lock, settings, shards, sources
+from federation import (attacks, cli, compile_cache, gossip, peer_launch, run_lock, settings,
+                        shards, sources)
 
 REPO = pathlib.Path(__file__).resolve().parent
 # Every process the demo causes carries this variable in its environment, with a value new
@@ -449,6 +454,17 @@ def saved_rounds(results_dir: pathlib.Path, since: float) -> list[dict]:
     run's, which the server replaces once it is up.
     """
     path = results_dir / "metrics.json"
+    peers = sorted(results_dir.glob("peer_*/metrics.json"))
+    if peers and not path.exists():  # --engine gossip: each peer saves its own rounds
+        try:
+            done = [json.loads(p.read_text())[-1]["round"] for p in peers
+                    if p.stat().st_mtime >= since]
+            if done:
+                return f"round {min(done)} is the last round every peer saved in " \
+                       f"{results_dir}/peer_*/"
+        except (OSError, ValueError, LookupError, TypeError):
+            pass
+        return f"no round of this run was saved in {results_dir}/peer_*/"
     try:
         if path.stat().st_mtime >= since:
             records = json.loads(path.read_text())
@@ -644,10 +660,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Flags after -- go to server.py, e.g. -- --batch-size 64 --learning-rate 0.001.")
-    parser.add_argument("--engine", choices=["grpc", "simulation", "deployment"], default="grpc",
+    parser.add_argument("--engine", choices=["grpc", "simulation", "deployment", "gossip"],
+                        default="grpc",
                         help="grpc: server.py + one client.py per partition; simulation / "
                              "deployment: the Flower App under `flwr run` on Flower's "
-                             "Simulation or Deployment Engine (default: grpc)")
+                             "Simulation or Deployment Engine; gossip: no server, one peer.py "
+                             "per partition averaging with its --topology neighbours "
+                             "(default: grpc)")
+    parser.add_argument("--topology", choices=gossip.TOPOLOGIES, default="ring",
+                        help="--engine gossip: who averages with whom (default: ring)")
     parser.add_argument("--rounds", type=cli.count, default=SERVER_DEFAULTS.rounds,
                         help="federated rounds (default: %(default)s)")
     parser.add_argument("--clients", type=cli.count, default=10, help="client processes = data partitions (default: 10)")
@@ -690,6 +711,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                      "after it, past 65535")
     if not 0 <= args.attackers <= args.clients:
         parser.error(f"--attackers must be between 0 and --clients ({args.clients})")
+    if args.engine == "gossip":
+        try:
+            gossip.topology(args.topology, args.clients)
+        except ValueError as e:
+            parser.error(f"--topology {args.topology} with --clients {args.clients}: {e}")
     if args.attackers and args.engine != "grpc":
         parser.error("--attackers runs client.py --attack, which only --engine grpc runs")
     if server_args and args.engine != "grpc":
@@ -720,6 +746,9 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
 
     for port in ports:
         check_port_free(port)  # again: data preparation may have taken minutes
+    if args.engine == "gossip":
+        run_gossip(args, manifest, log_dir, start)
+        return
     what = {"grpc": "server", "simulation": "Flower App, Simulation Engine, SuperLink",
             "deployment": "Flower App, Deployment Engine, SuperLink"}[args.engine]
     print(f"start    {what} on 127.0.0.1:{args.port}, {plural(args.clients, 'client')}, "
@@ -764,6 +793,71 @@ def run(args: argparse.Namespace, server_args: list[str]) -> None:
 
     records, png = plot(args.results_dir)
     print(summary(manifest, records, png, log_dir, time.monotonic() - start))
+
+
+def run_gossip(args: argparse.Namespace, manifest: dict, log_dir: pathlib.Path,
+               start: float) -> None:
+    """--engine gossip: one peer.py per partition on 127.0.0.1 (federation/peer_launch.py),
+    a progress line per round, the peers' plot and a summary. Stops every peer on the way
+    out (Ctrl-C, a failed peer)."""
+    print(f"start    {plural(args.clients, 'peer')} on a {args.topology}, no server (peer 0 runs "
+          f"the coordinator on 127.0.0.1:{args.port}), {plural(args.rounds, 'round')} of "
+          f"{plural(args.local_epochs, 'local epoch')}; logs in {log_dir}/")
+    print(f"         a new run: replaces any earlier run in {args.results_dir}/peer_*/ "
+          "(peer.py --overwrite; another --results-dir keeps it)")
+    flags = ["--coordinator", f"127.0.0.1:{args.port}", "--topology", args.topology,
+             "--data-dir", str(args.data_dir), "--results-dir", str(args.results_dir),
+             "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
+             "--seed", str(args.seed), "--overwrite",
+             *(["--jax-cache", args.jax_cache] if args.jax_cache else [])]
+    children: dict[str, subprocess.Popen] = {}
+    status, began = StatusLine(), time.monotonic()
+
+    def show(summary: dict) -> None:
+        r = summary["round"]
+        took = f"({summary['round_seconds']:.1f} s)" if r else "(initial model)"
+        status.print(f"{progress_bar(r, args.rounds)} round {r}/{args.rounds}  accuracy mean "
+                     f"{100 * summary['mean_test_accuracy']:5.2f}%  worst "
+                     f"{100 * summary['worst_test_accuracy']:5.2f}%  neighbour distance "
+                     f"{summary['mean_neighbour_distance']:.4f}  {took}  elapsed "
+                     f"{format_elapsed(time.monotonic() - began)}")
+        last.update(summary)
+
+    last: dict = {}
+    try:
+        peer_launch.start_peers(args.clients, flags, log_dir, children)
+        failed = peer_launch.follow_peers(
+            children, args.results_dir, args.rounds, show,
+            lambda r: status.show(f"  round {r}/{args.rounds}: training and gossiping ... "
+                                  f"{format_elapsed(time.monotonic() - began)}"))
+        if failed is not None:
+            status.print(f"\n{failed} stopped (exit code {children[failed].returncode}); last "
+                         f"lines of {log_dir / (failed + '.log')}:")
+            print(tail(log_dir / f"{failed}.log"), file=sys.stderr)
+            raise DemoError(f"{failed} failed, stopped the demo")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
+            signal.signal(signum, signal.SIG_IGN)
+        left = peer_launch.stop_peers(children)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, interrupt)
+        if left:
+            raise DemoError("could not end " + ", ".join(f"pid {p}" for p in left)
+                            + "; end them with kill -9")
+    import plot_results  # noqa: PLC0415  (matplotlib is slow to import: only at the end)
+    png = plot_results.plot_peers(plot_results.load_peers(args.results_dir),
+                                  args.results_dir / plot_results.SINGLE_RUN_PNG)
+    print("\n".join([
+        f"done in {format_elapsed(time.monotonic() - start)}",
+        f"  data         {describe_data(manifest)}",
+        f"  rounds       {last.get('round', 0)}, {args.clients} peers on a {args.topology}",
+        f"  accuracy     mean {100 * last.get('mean_test_accuracy', 0):.2f}%, worst "
+        f"{100 * last.get('worst_test_accuracy', 0):.2f}% (each peer's model, test set)",
+        f"  disagreement {last.get('mean_neighbour_distance', 0):.4f} (distance to the "
+        "neighbours' average)",
+        f"  plot         {png}",
+        f"  results      {args.results_dir}/peer_*/",
+        f"  logs         {log_dir}/"]))
 
 
 def main() -> None:

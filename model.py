@@ -264,7 +264,8 @@ def _learning_rates(learning_rate: float, total_steps: int) -> np.ndarray:
     chunks = np.pad(counts, (0, -total_steps % _SCHEDULE_CHUNK)).reshape(-1, _SCHEDULE_CHUNK)
     # float64 on the CPU, then float32: the rates the recipe was measured with, bit for bit
     # (float32 arithmetic would move about half of them by an ulp or more).
-    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+    # local_devices: under jax.distributed (peer.py), devices("cpu")[0] is peer 0's.
+    with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
         rates = np.concatenate([np.asarray(schedule(c), np.float32) for c in chunks])
     rates = rates[:total_steps]
     rates.flags.writeable = False  # shared by every call that hits the cache

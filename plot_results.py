@@ -13,6 +13,11 @@ One directory:      python plot_results.py results              -> results/accur
 Several directories are overlaid, one colour per run, labelled by directory
 name or by --labels; the picture goes to --out (default results/comparison.png):
     python plot_results.py results_iid results_dirichlet --labels IID Dirichlet
+
+A directory of peers (peer.py, demo.py --engine gossip: results/peer_0, peer_1, ...)
+draws every peer's test accuracy, their mean, and how far the peers are from their
+neighbours (peer.py's mean_neighbour_distance):
+    python plot_results.py results                              -> results/accuracy.png
 """
 
 import argparse
@@ -78,6 +83,60 @@ def load_metrics(results_dir: str | os.PathLike) -> list[Record]:
     return sorted(records, key=lambda r: r["round"])
 
 
+def peer_dirs(results_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """results_dir/peer_0, peer_1, ... that hold a metrics.json, by rank (peer.py's)."""
+    found = [p for p in pathlib.Path(results_dir).glob("peer_*")
+             if p.name[5:].isdigit() and (p / METRICS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_peers(results_dir: str | os.PathLike) -> list[list[Record]]:
+    """Every peer's records (peer.py's metrics.json), by rank; ResultsError if unusable."""
+    peers = []
+    for path in peer_dirs(results_dir):
+        try:
+            records = json.loads((path / METRICS_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ResultsError(f"{path / METRICS_FILE} is not valid JSON ({e})") from None
+        if (not isinstance(records, list) or not records or not all(
+                isinstance(r, dict) and _is_number(r.get("round"))
+                and _is_number(r.get("test_accuracy")) for r in records)):
+            raise ResultsError(f"{path / METRICS_FILE}: not peer.py's per-round records")
+        peers.append(sorted(records, key=lambda r: r["round"]))
+    if not peers:
+        raise ResultsError(f"{results_dir} holds no peer_*/metrics.json (run peer.py first)")
+    return peers
+
+
+def plot_peers(peers: list[list[Record]], out_path: str | os.PathLike) -> pathlib.Path:
+    """Each peer's test accuracy (thin) and their mean over the rounds all have (thick);
+    the network's neighbour distance (log scale). Written atomically, like plot_runs."""
+    fig, (ax_acc, ax_gap) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for rank, records in enumerate(peers):
+        ax_acc.plot(*_series(records, "test_accuracy", 100), "-", linewidth=0.8, alpha=0.6,
+                    label=f"peer {rank}" if len(peers) <= 10 else None)
+    common = min(len(records) for records in peers)
+    mean = [sum(records[i]["test_accuracy"] for records in peers) * 100 / len(peers)
+            for i in range(common)]
+    ax_acc.plot([peers[0][i]["round"] for i in range(common)], mean, "o-", color="black",
+                linewidth=2, label=f"mean, final {mean[-1]:.2f}%")
+    ax_gap.plot(*_series([r for r in peers[0] if r["round"] > 0], "mean_neighbour_distance"),
+                "o-", color="black", label="all peers (root mean square)")
+    ax_acc.set(title=f"Test accuracy of {len(peers)} peers (no server)", xlabel="round",
+               ylabel="accuracy")
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
+    ax_gap.set(title="Distance to the neighbours' average", xlabel="round",
+               ylabel="||own - mixed|| (log scale)")
+    ax_gap.set_yscale("log")
+    ax_gap.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax_gap.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    for ax, corner in ((ax_acc, "lower right"), (ax_gap, "upper right")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc=corner, fontsize="x-small", ncol=2 if ax is ax_acc else 1)
+    return _save(fig, out_path)
+
+
 def _series(records: list[Record], key: str, scale: float = 1.0) -> tuple[list, list]:
     """(rounds, values) for the records where `key` is not null."""
     points = [(r["round"], r[key] * scale) for r in records if r.get(key) is not None]
@@ -141,6 +200,11 @@ def plot_runs(runs: list[tuple[str, list[Record]]], out_path: str | os.PathLike)
         ax.grid(True, alpha=0.3)
         ax.legend(loc=corner, fontsize="small")
 
+    return _save(fig, out_path)
+
+
+def _save(fig: "plt.Figure", out_path: str | os.PathLike) -> pathlib.Path:
+    """Write the figure to out_path atomically and close it."""
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(out_path.name + ".tmp")
@@ -197,6 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         sys.exit(f"plot_results.py: error: {problem}")
     try:
+        if (len(args.results_dirs) == 1 and peer_dirs(args.results_dirs[0])
+                and not (args.results_dirs[0] / METRICS_FILE).exists()):
+            out_path = plot_peers(load_peers(args.results_dirs[0]), out_path)
+            print(f"wrote {out_path}")
+            return
         runs = [(label, load_metrics(d)) for label, d in zip(labels, args.results_dirs)]
         out_path = plot_runs(runs, out_path)
     except (ResultsError, OSError) as e:

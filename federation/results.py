@@ -74,18 +74,18 @@ def _finite_or_none(value: object) -> object:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def saved_record(record: Mapping) -> dict:
-    """A round's record as metrics.json holds it: every METRIC_FIELDS key, NaN/Inf as null."""
-    return {k: _finite_or_none(record.get(k)) for k in METRIC_FIELDS}
+def saved_record(record: Mapping, fields: Sequence[str] = METRIC_FIELDS) -> dict:
+    """A round's record as metrics.json holds it: every key of fields, NaN/Inf as null."""
+    return {k: _finite_or_none(record.get(k)) for k in fields}
 
 
-def metrics_csv(records: Sequence[Mapping]) -> str:
-    """The records as CSV with METRIC_FIELDS columns; None becomes an empty cell."""
+def metrics_csv(records: Sequence[Mapping], fields: Sequence[str] = METRIC_FIELDS) -> str:
+    """The records as CSV with these columns; None becomes an empty cell."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow({k: "" if record.get(k) is None else record[k] for k in METRIC_FIELDS})
+        writer.writerow({k: "" if record.get(k) is None else record[k] for k in fields})
     return out.getvalue()
 
 
@@ -93,12 +93,15 @@ class ResultsDir:
     """metrics.json/.csv, run_config.json and model_round_<r>.npz in one directory.
 
     The model file of a round is written before metrics.json, so metrics.json is the
-    commit point: a round listed there always has its model on disk.
+    commit point: a round listed there always has its model on disk. fields: the columns
+    of the records (a server's METRIC_FIELDS; a peer's are peer_round.PEER_FIELDS).
     """
 
-    def __init__(self, root: str | os.PathLike, array_names: Sequence[str]) -> None:
+    def __init__(self, root: str | os.PathLike, array_names: Sequence[str],
+                 fields: Sequence[str] = METRIC_FIELDS) -> None:
         self.root = pathlib.Path(root)
         self.array_names = list(array_names)
+        self.fields = tuple(fields)
 
     def model_path(self, server_round: int) -> pathlib.Path:
         """Where the global model after `server_round` is saved."""
@@ -160,9 +163,10 @@ class ResultsDir:
                           lambda f: np.savez(f, **server_state))
         for path in (self.model_path(server_round), self.root / "global_model.npz"):
             write_atomic(path, lambda f: np.savez(f, **named))
-        clean = [saved_record(r) for r in records]
+        clean = [saved_record(r, self.fields) for r in records]
         text = json.dumps(clean, indent=2) + "\n"
-        write_atomic(self.root / "metrics.csv", lambda f: f.write(metrics_csv(clean).encode()))
+        write_atomic(self.root / "metrics.csv",
+                     lambda f: f.write(metrics_csv(clean, self.fields).encode()))
         write_atomic(self.root / "metrics.json", lambda f: f.write(text.encode()))
         # Committed: older optimizer states are never resumed from (only the newest round
         # is), and each is twice the model's size.
