@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from federation import gossip
-from test_federation import free_port, wait_until
+from helpers import free_port, wait_until
 
 PEERS = 4
 ROUNDS = 2
