@@ -7,6 +7,7 @@ model in both runs and the clients' training is deterministic, so there the boun
 exact; from round 2 on the runs train from slightly different models and only stay close.
 """
 
+import math
 import pathlib
 
 import numpy as np
@@ -18,6 +19,7 @@ from helpers import (CLIENTS, REPO, app_config, finish_flwr_run, load_model, rec
 pytestmark = pytest.mark.slow
 
 SECAGG = {"secagg": True, "num-shares": 3, "reconstruction-threshold": 2}
+DP_SECAGG = (0.5, 1.0)  # σ and C of the DP-under-SecAgg+ run
 QUANTIZATION_RANGE = 2**22  # SecAggPlusWorkflow's default: weights -> 0 .. 2^22 - 1
 
 
@@ -47,17 +49,20 @@ def shard_sizes(data: pathlib.Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def secagg_runs(flwr_env, app_data, app_copy, tmp_path_factory) -> dict[str, tuple]:
-    """The two SecAgg+ runs of this module, started together (each is mostly Flower
-    starting up and waiting): {"secagg": ..., "dropout": ...}, each (results dir, output,
-    `flwr ls` record). "dropout" runs a copy of the App whose partition 2 fails after the
-    key exchange (tests/secagg_dropout_app.py)."""
+    """The three SecAgg+ runs of this module, started together (each is mostly Flower
+    starting up and waiting): {"secagg": ..., "dropout": ..., "dp": ...}, each (results
+    dir, output, `flwr ls` record). "dropout" runs a copy of the App whose partition 2
+    fails after the key exchange (tests/secagg_dropout_app.py); "dp" is one round of DP
+    under SecAgg+ at DP_SECAGG's σ and C."""
     tmp = tmp_path_factory.mktemp("secagg")
-    apps = {"secagg": REPO,
-            "dropout": app_copy(tmp / "app", REPO / "tests" / "secagg_dropout_app.py")}
-    started = {name: start_flwr_run(flwr_env, app_config(app_data, tmp / name,
-                                                         **{"num-server-rounds": 2}, **SECAGG),
-                                    app=app)
-               for name, app in apps.items()}
+    dropout_app = app_copy(tmp / "app", REPO / "tests" / "secagg_dropout_app.py")
+    runs = {"secagg": (REPO, {"num-server-rounds": 2}),
+            "dropout": (dropout_app, {"num-server-rounds": 2}),
+            "dp": (REPO, {"num-server-rounds": 1, "dp-noise-multiplier": DP_SECAGG[0],
+                          "dp-clipping-norm": DP_SECAGG[1]})}
+    started = {name: start_flwr_run(flwr_env, app_config(app_data, tmp / name, **config,
+                                                         **SECAGG), app=app)
+               for name, (app, config) in runs.items()}
     return {name: (tmp / name, *finish_flwr_run(flwr_env, proc))
             for name, proc in started.items()}
 
@@ -127,18 +132,15 @@ def simulated(data: pathlib.Path, **settings) -> tuple[list[dict], dict[str, np.
     return result.records, {name: a for (name, _), a in zip(model.param_spec(), result.arrays)}
 
 
-def test_dp_under_secagg_is_dp_fedavg_up_to_the_quantization(flwr_env, app_data, tmp_path):
+def test_dp_under_secagg_is_dp_fedavg_up_to_the_quantization(secagg_runs, app_data):
     """One round of DP under SecAgg+ (clients clip, server noises the unmasked sum) against
     DP-FedAvg without SecAgg+ (simulation.py) at the same σ, C and seed: the same ε, the
     same noise, the same model up to SecAgg+'s quantization."""
-    sigma, norm = 0.5, 1.0
-    output, run = flwr_run(flwr_env, app_config(
-        app_data, tmp_path / "dp", **SECAGG, **{"num-server-rounds": 1,
-                                               "dp-noise-multiplier": sigma,
-                                               "dp-clipping-norm": norm}))
+    sigma, norm = DP_SECAGG
+    dp_dir, output, run = secagg_runs["dp"]
     assert run["status"] == "finished:completed", output
     assert output.count("Secure aggregation completed.") == 1
-    app = records(tmp_path / "dp")
+    app = records(dp_dir)
     dp_records, dp_model = simulated(app_data, rounds=1, dp_noise_multiplier=sigma,
                                      dp_clipping_norm=norm)
     assert app[1]["clients_fit"] == CLIENTS
@@ -146,7 +148,7 @@ def test_dp_under_secagg_is_dp_fedavg_up_to_the_quantization(flwr_env, app_data,
         assert app[1][key] == dp_records[1][key] and math.isfinite(app[1][key])
     assert (app[1]["update_norm"], app[1]["clipped"]) == (None, None)  # no update seen alone
 
-    secagg = load_model(tmp_path / "dp" / "model_round_1.npz")
+    secagg = load_model(dp_dir / "model_round_1.npz")
     largest = max(float(np.abs(a).max()) for a in dp_model.values())
     # Every client sends weight 1, so the average's error is secagg_bound of equal sizes (2
     # steps); the server multiplies it by K / m = 1. 1e-6 (largest + C) covers float32:
