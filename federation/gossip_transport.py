@@ -60,7 +60,11 @@ def coordinator_problem(coordinator: str, rank: int, timeout: float) -> str | No
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as sock:
+                # As gRPC (the coordination service) binds: a port whose last run's
+                # connections linger in TIME_WAIT is free, one with a listener is not.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(port)))
+                sock.listen()
         except OSError as e:
             return f"peer 0 cannot run the coordinator on port {port}: {e.strerror}"
         return None

@@ -7,6 +7,7 @@ each with one line, and --resume on every peer must still end there.
 
 import json
 import signal
+import socket
 import time
 
 import numpy as np
@@ -156,3 +157,20 @@ def test_bad_input_is_one_line_before_any_training(procs, data_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("peer.py: error: ") and words in lines[0]
         assert not list((tmp_path / name).rglob("*.json")) or name == "held"
     assert sorted(p.name for p in (held / "peer_1").iterdir()) == ["metrics.json"]
+
+
+def test_the_coordinator_port_of_a_finished_run_is_free_and_a_live_one_is_not():
+    """demo.py (server on 8080) and then demo.py --engine gossip (coordinator on 8080): the
+    first run's connections linger in TIME_WAIT, which does not stop a new listener (gRPC
+    binds with SO_REUSEADDR); a port with a listener is refused in one line."""
+    from federation.gossip_transport import coordinator_problem  # noqa: PLC0415
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the listening side closes first: its end waits in TIME_WAIT
+        client.close()
+        assert coordinator_problem(f"127.0.0.1:{port}", 0, 1.0).startswith(
+            f"peer 0 cannot run the coordinator on port {port}")  # still listening
+    assert coordinator_problem(f"127.0.0.1:{port}", 0, 1.0) is None
