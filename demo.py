@@ -454,17 +454,6 @@ def saved_rounds(results_dir: pathlib.Path, since: float) -> list[dict]:
     run's, which the server replaces once it is up.
     """
     path = results_dir / "metrics.json"
-    peers = sorted(results_dir.glob("peer_*/metrics.json"))
-    if peers and not path.exists():  # --engine gossip: each peer saves its own rounds
-        try:
-            done = [json.loads(p.read_text())[-1]["round"] for p in peers
-                    if p.stat().st_mtime >= since]
-            if done:
-                return f"round {min(done)} is the last round every peer saved in " \
-                       f"{results_dir}/peer_*/"
-        except (OSError, ValueError, LookupError, TypeError):
-            pass
-        return f"no round of this run was saved in {results_dir}/peer_*/"
     try:
         if path.stat().st_mtime >= since:
             records = json.loads(path.read_text())
@@ -477,6 +466,17 @@ def saved_rounds(results_dir: pathlib.Path, since: float) -> list[dict]:
 
 def last_saved(results_dir: pathlib.Path, since: float) -> str:
     """E.g. 'round 3 is the last saved round in results/' (for the message when stopped)."""
+    peers = sorted(results_dir.glob("peer_*/metrics.json"))
+    if peers and not (results_dir / "metrics.json").exists():  # --engine gossip
+        try:  # each peer saves its own rounds; files older than `since` are an earlier run's
+            done = [json.loads(p.read_text())[-1]["round"] for p in peers
+                    if p.stat().st_mtime >= since]
+            if done:
+                return (f"round {min(done)} is the last round every peer saved in "
+                        f"{results_dir}/peer_*/")
+        except (OSError, ValueError, LookupError, TypeError):
+            pass
+        return f"no round of this run was saved in {results_dir}/peer_*/"
     records = saved_rounds(results_dir, since)
     if records and "round" in records[-1]:
         return f"round {records[-1]['round']} is the last saved round in {results_dir}/"
