@@ -252,6 +252,9 @@ def capture(run):
 
 request = json.loads(sys.argv[1])
 root = request["root"]
+# peer.py parses its flags in the worker process it starts, unless it is one: be one
+# (federation/peer_supervisor.py; -1: no pipe to its parent, which it then skips).
+os.environ["FL_PEER_SUPERVISOR_FD"] = "-1"
 result = {"scripts": {}, "entry": {}, "flwr": {}}
 for script in request["scripts"]:
     path = os.path.join(root, script)
