@@ -61,10 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    metavar="BOOST",
                    help="sign-flip: how far the reversed update is pushed "
                         "(default: %(default)s)")
-    p.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty,
-                   help="JAX's persistent compilation cache, shared by every process on this "
-                        f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
-                        f"{compile_cache.default_dir()})")
+    compile_cache.add_flag(p)
     return p.parse_args(argv)
 
 

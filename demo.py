@@ -701,10 +701,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "--attack; see README Part 5 (default: 0)")
     parser.add_argument("--attack", choices=attacks.ATTACKS, default="sign-flip",
                         help="what the --attackers do (default: %(default)s)")
-    parser.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty, default=None,
-                        help="JAX's persistent compilation cache for the server and clients; 'off' "
-                             f"disables it (default: ${compile_cache.ENV_VAR}, else "
-                             f"{compile_cache.default_dir()})")
+    compile_cache.add_flag(parser, "the server, clients and peers it starts")
     args = parser.parse_args(argv)
     if args.engine == "deployment" and args.port + args.clients > 65535:
         parser.error(f"--port {args.port}: the SuperNodes take the {args.clients} ports "

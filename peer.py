@@ -79,10 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=300.0,
                    help="seconds a peer waits for the coordinator and for all --peers to "
                         "meet at the start (default: %(default)s)")
-    p.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty,
-                   help="JAX's persistent compilation cache, shared by every process on this "
-                        f"machine; 'off' disables it (default: ${compile_cache.ENV_VAR}, else "
-                        f"{compile_cache.default_dir()})")
+    compile_cache.add_flag(p)
     args = p.parse_args(argv)
     if args.rank >= args.peers:
         p.error(f"--rank {args.rank} must be below --peers {args.peers} (ranks 0.."

@@ -1,12 +1,17 @@
-"""What several benchmarks share: a free port, the peak memory of a process.
+"""What several benchmarks share: a free port, the peak memory of a process, the flags
+that say where Fashion-MNIST is and where its splits go.
 
 Not a benchmark itself. The scripts here run as `python benchmarks/NAME.py`, which puts
 this directory on sys.path, so they import it as `_common`. Loading a data directory is
 federation.shards.load_all; running a federation in one process is federation.simulation.
 """
 
+import argparse
 import pathlib
 import socket
+import tempfile
+
+FASHION_MNIST_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")  # Debian's package
 
 
 def free_port() -> int:
@@ -25,3 +30,15 @@ def peak_rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def add_data_flags(parser: argparse.ArgumentParser, bench: str) -> None:
+    """--idx-dir (Fashion-MNIST's IDX files) and --data-root (the splits, one directory
+    each, under the temporary directory by default, named after the benchmark)."""
+    parser.add_argument("--idx-dir", type=pathlib.Path, default=FASHION_MNIST_IDX,
+                        help="Fashion-MNIST's IDX files (default: %(default)s, Debian's "
+                             "dataset-fashion-mnist)")
+    parser.add_argument("--data-root", type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / bench,
+                        help="where the splits are written, one directory each "
+                             "(default: %(default)s)")

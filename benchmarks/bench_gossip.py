@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -40,6 +39,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import model  # noqa: E402  (the repo root is on sys.path only after the line above)
+from _common import add_data_flags  # noqa: E402  (benchmarks/ is on sys.path: this directory)
 from bench_noniid import make_split, with_fraction  # noqa: E402
 from federation import gossip, gossip_simulation, peer_round, shards, simulation  # noqa: E402
 from federation.peer_round import GossipSettings  # noqa: E402
@@ -183,14 +183,7 @@ def read_json(path: pathlib.Path) -> list[dict]:
 def main() -> None:
     """Check the flags, then compare (or only report --from-json); bad input is one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--idx-dir", type=pathlib.Path,
-                   default=pathlib.Path("/usr/share/datasets/fashion-mnist"),
-                   help="Fashion-MNIST's IDX files (default: %(default)s, Debian's "
-                        "dataset-fashion-mnist)")
-    p.add_argument("--data-root", type=pathlib.Path,
-                   default=pathlib.Path(tempfile.gettempdir()) / "bench_gossip",
-                   help="where the splits are written, one directory each "
-                        "(default: %(default)s)")
+    add_data_flags(p, "bench_gossip")
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                    help="data splits, run in this order (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),

@@ -44,7 +44,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -53,6 +52,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import model  # noqa: E402  (the repo root is on sys.path only after the line above)
+from _common import add_data_flags  # noqa: E402  (benchmarks/ is on sys.path: this directory)
 from federation import server_optimizers, shards, simulation  # noqa: E402
 from federation.server_setup import ServerSettings  # noqa: E402
 
@@ -262,14 +262,7 @@ def report(results: list[dict], target: float, plot_path: pathlib.Path | None,
 def main() -> None:
     """Check the flags, then compare (or only report --from-json); bad input is one line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--idx-dir", type=pathlib.Path,
-                   default=pathlib.Path("/usr/share/datasets/fashion-mnist"),
-                   help="Fashion-MNIST's IDX files (default: %(default)s, Debian's "
-                        "dataset-fashion-mnist)")
-    p.add_argument("--data-root", type=pathlib.Path,
-                   default=pathlib.Path(tempfile.gettempdir()) / "bench_noniid",
-                   help="where the splits are written, one directory each "
-                        "(default: %(default)s)")
+    add_data_flags(p, "bench_noniid")
     p.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
                    help="data splits (default: all)")
     p.add_argument("--method", nargs="+", default=METHODS,

@@ -26,12 +26,15 @@ Call ``enable`` before anything is compiled: JAX decides once per process whethe
 use the cache, at its first compilation.
 """
 
+import argparse
 import contextlib
 import os
 import pathlib
 import time
 from collections.abc import Iterator
 from logging import INFO, WARNING
+
+from federation import cli
 
 ENV_VAR = "FL_JAX_CACHE_DIR"
 OFF = "off"
@@ -44,6 +47,14 @@ def default_dir() -> pathlib.Path:
     """The user-level default: $XDG_CACHE_HOME (or ~/.cache)/flower-jax-tutorial/jax."""
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(base) / "flower-jax-tutorial" / "jax"
+
+
+def add_flag(parser: argparse.ArgumentParser,
+             shared_by: str = "every process on this machine") -> None:
+    """--jax-cache DIR, as every script that compiles (or starts processes that do) has it."""
+    parser.add_argument("--jax-cache", metavar="DIR", type=cli.nonempty, default=None,
+                        help=f"JAX's persistent compilation cache, shared by {shared_by}; "
+                             f"'off' disables it (default: ${ENV_VAR}, else {default_dir()})")
 
 
 def resolve(flag: str | None = None) -> pathlib.Path | None:
