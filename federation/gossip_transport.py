@@ -110,19 +110,22 @@ def publish(key: str, value: str) -> None:
     try:
         _client().key_value_set(key, value)
     except Exception as e:  # jaxlib's XlaRuntimeError: the service is gone
-        raise CoordinatorLost(_first_line(e)) from None
+        raise CoordinatorLost(first_line(e)) from None
 
 
-def wait_for_all(prefix: str, peers: int, timeout: float, what: str) -> list[str]:
+def wait_for_all(prefix: str, peers: int, timeout: float, what: str,
+                 also: Sequence[str] = ()) -> list[str]:
     """The values of prefix/0 .. prefix/peers-1, waiting up to `timeout` s in all.
 
-    Raises PeerMissing naming the ranks whose value did not arrive in time.
+    Raises PeerMissing naming the ranks whose value did not arrive in time, leaving
+    out those with a value under one of the `also` prefixes (peers that said why
+    they could not go on, e.g. failed/ROUND).
     """
-    return wait_for_ranks(prefix, range(peers), timeout, what, peers)
+    return wait_for_ranks(prefix, range(peers), timeout, what, peers, also)
 
 
 def wait_for_ranks(prefix: str, ranks: Sequence[int], timeout: float, what: str = "",
-                   peers: int | None = None) -> list[str]:
+                   peers: int | None = None, also: Sequence[str] = ()) -> list[str]:
     """The values of prefix/RANK for these ranks (wait_for_all for some of them)."""
     peers = peers if peers is not None else max(ranks, default=-1) + 1
     client, deadline, values = _client(), time.monotonic() + timeout, []
@@ -131,27 +134,54 @@ def wait_for_ranks(prefix: str, ranks: Sequence[int], timeout: float, what: str 
         try:
             values.append(client.blocking_key_value_get(f"{prefix}/{rank}", int(1000 * left)))
         except Exception as e:  # DEADLINE_EXCEEDED, or the service is gone
-            text = _first_line(e)
+            text = first_line(e)
             if "DEADLINE_EXCEEDED" not in text and "timed out" not in text.lower():
                 raise CoordinatorLost(text) from None
-            missing = _missing(prefix, peers) or [rank]
-            raise PeerMissing(f"peer{'s' if len(missing) > 1 else ''} "
-                              f"{', '.join(map(str, missing))} did not reach {what} within "
+            missing = _missing((prefix, *also), peers) or _missing((prefix,), peers) or [rank]
+            raise PeerMissing(f"{ranks_named(missing)} did not reach {what} within "
                               f"{timeout:g} s (gone or hung)", missing) from None
     return values
 
 
-def _missing(prefix: str, peers: int) -> list[int]:
-    """The ranks with no value under prefix/ yet."""
+def absent(prefixes: Sequence[str], peers: int, timeout: float) -> list[int]:
+    """The ranks with a value under none of these prefixes, waiting up to `timeout` s.
+
+    How a peer learns who broke a collective: gloo's error names no rank, so every
+    peer that sees one says so under failed/ROUND, and the ranks that never answer
+    (neither failed/ROUND nor the round's next key) are the ones gone.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = _missing(prefixes, peers, strict=True)
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.1)
+
+
+def ranks_named(ranks: Sequence[int]) -> str:
+    """E.g. "peer 2", "peers 1, 3"."""
+    return f"peer{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _missing(prefixes: Sequence[str], peers: int, strict: bool = False) -> list[int]:
+    """The ranks with no value under any of these prefixes yet.
+
+    Only for a message: [] where the service does not answer, unless `strict`
+    (then CoordinatorLost).
+    """
+    present = set()
     try:
-        present = {int(key.rsplit("/", 1)[1]) for key, _ in
-                   _client().key_value_dir_get(prefix + "/")}
-    except Exception:  # noqa: BLE001  (only for the message)
+        for prefix in prefixes:
+            present |= {int(key.rsplit("/", 1)[1]) for key, _ in
+                        _client().key_value_dir_get(prefix + "/")}
+    except Exception as e:  # noqa: BLE001  (jaxlib's XlaRuntimeError)
+        if strict:
+            raise CoordinatorLost(first_line(e)) from None
         return []
     return [rank for rank in range(peers) if rank not in present]
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 

@@ -47,6 +47,7 @@ class State:
     timeout: float = 0.0
     connected: bool = False     # in the run's coordination service
     last_saved: int | None = None
+    neighbours: tuple[int, ...] = ()
     saving: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def saved(self) -> str:
@@ -164,6 +165,7 @@ def prepare(args: argparse.Namespace, state: State) -> tuple:
                             f"now {config[key]!r}; resume with the same settings, or start "
                             "a new run with --overwrite")
     config["resumed_after"] = saved.get("resumed_after", [])
+    state.last_saved = records[-1]["round"] if records else None  # what the stop line says
     return settings, data, test_set, results, config, records, arrays
 
 
@@ -223,7 +225,6 @@ def run(args: argparse.Namespace, state: State) -> None:
     if records:
         records = [r for r in records if r["round"] <= start]
         arrays = results.load_arrays(results.model_path(start))
-        state.last_saved = start
         if start >= settings.rounds:
             print(f"{state.results_dir} already holds round {start} of {settings.rounds}; raise "
                   "--rounds to continue the run", flush=True)
@@ -232,6 +233,7 @@ def run(args: argparse.Namespace, state: State) -> None:
     # The run has really started: only now is a previous run's directory replaced.
     results.begin(config, clear=args.overwrite and not args.resume)
     exchange = gossip_transport.Exchange(topo, args.rank)
+    state.neighbours = tuple(topo.neighbours(args.rank))
     evaluate = peer_round.test_evaluator(*test_set)
     with compile_cache.compiling("peer warm-up"):
         model.compile_steps(settings.batch_size, model.EVAL_BATCH_SIZE)
@@ -248,25 +250,23 @@ def run(args: argparse.Namespace, state: State) -> None:
         gossip_transport.publish(f"ready/{r}/{args.rank}", "1")
         gossip_transport.wait_for_all(f"ready/{r}", args.peers, args.timeout,
                                       f"round {r}'s exchange")
-        neighbours = topo.neighbours(args.rank)
-        watchdog = threading.Timer(args.timeout, stop, (
-            state, f"round {r}'s exchange did not finish within {args.timeout:g} s: a "
-                   f"neighbour ({', '.join(map(str, neighbours))}) is gone or hung", 1))
+        watchdog = threading.Timer(args.timeout, exchange_hung, (state, r))
         watchdog.daemon = True
         watchdog.start()
         try:
-            received = exchange(trained)
-        except Exception as e:  # gloo: a neighbour's connection broke
-            raise gossip_transport.PeerMissing(
-                f"round {r}'s exchange failed: a neighbour ({', '.join(map(str, neighbours))}) "
-                f"is gone ({gossip_transport._first_line(e)})", neighbours) from None
+            received, failure = exchange(trained), None
+        except Exception as e:  # gloo: a peer's connection broke
+            received, failure = None, e
         finally:
             watchdog.cancel()
+        if failure is not None:
+            raise exchange_failed(state, r, failure)
         arrays = gossip.mix_row(w, args.rank, {args.rank: trained, **received})
         own = gossip.distance(trained, arrays)
         gossip_transport.publish(f"distance/{r}/{args.rank}", repr(own))
         distances = [float(v) for v in gossip_transport.wait_for_all(
-            f"distance/{r}", args.peers, args.timeout, f"the end of round {r}")]
+            f"distance/{r}", args.peers, args.timeout, f"the end of round {r}",
+            also=(f"failed/{r}",))]
         record = peer_round.record(r, args.rank,
                                    peer_round.evaluate(data, arrays, args.rank, evaluate),
                                    train_metrics, trained, arrays, distances,
@@ -278,6 +278,47 @@ def run(args: argparse.Namespace, state: State) -> None:
               flush=True)
     print(f"done: peer {args.rank}'s model in {state.results_dir / 'global_model.npz'}",
           flush=True)
+
+
+def exchange_failed(state: State, r: int, error: Exception) -> gossip_transport.PeerMissing:
+    """Round r's exchange broke (gloo's error names no rank): find who is gone.
+
+    This peer says so under failed/R; the peers that neither say so nor finish the
+    round (distance/R) within --timeout are the ones gone.
+    """
+    gone = gone_in_round(state, r, state.timeout)
+    return gossip_transport.PeerMissing(
+        f"round {r}'s exchange failed: {gone_or_neighbours(state, gone)} "
+        f"({gossip_transport.first_line(error)})", gone)
+
+
+def exchange_hung(state: State, r: int) -> None:
+    """Round r's exchange has not returned within --timeout: stop this peer.
+
+    Runs on a timer thread while the main thread waits inside gloo. Peers stuck the
+    same way get here within moments of each other, so a short grace tells them
+    apart from the ones gone.
+    """
+    try:
+        gone = gone_in_round(state, r, min(2.0, state.timeout))
+    except gossip_transport.CoordinatorLost:
+        gone = []
+    stop(state, f"peer {state.rank} stops: round {r}'s exchange did not finish within "
+                f"{state.timeout:g} s: {gone_or_neighbours(state, gone)}", 1, gone)
+
+
+def gone_in_round(state: State, r: int, wait: float) -> list[int]:
+    """Say that this peer cannot finish round r; the ranks that neither say so nor finish."""
+    gossip_transport.publish(f"failed/{r}/{state.rank}", "1")
+    return gossip_transport.absent((f"distance/{r}", f"failed/{r}"), state.peers, wait)
+
+
+def gone_or_neighbours(state: State, gone: list[int]) -> str:
+    """"peer 2 is gone or hung"; where every peer answered, this peer's neighbours."""
+    if gone:
+        verb = "is" if len(gone) == 1 else "are"
+        return f"{gossip_transport.ranks_named(gone)} {verb} gone or hung"
+    return f"the link to a neighbour ({', '.join(map(str, state.neighbours))}) broke"
 
 
 def save(state: State, results: ResultsDir, records: list[dict], arrays: gossip.Arrays,
@@ -299,7 +340,7 @@ def expect_stop(state: State) -> None:
 
 def connect_problem(args: argparse.Namespace, error: Exception) -> str:
     """One line for a failed jax.distributed.initialize."""
-    text = gossip_transport._first_line(error)
+    text = gossip_transport.first_line(error)
     if args.rank == 0 and ("bind" in text.lower() or "address" in text.lower()):
         return f"cannot run the coordinator on {args.coordinator}: {text}"
     if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "UNAVAILABLE" in text:
