@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from federation import compile_cache
-from helpers import (CLIENTS, ENV, NUM_PARTITIONS, REPO, Processes, app_config, flwr_run,
+from helpers import (CLIENTS, ENV, FLWR, NUM_PARTITIONS, REPO, Processes, app_config, flwr_run,
                      free_port)
 
 # Flower's start_server/start_client send anonymous usage events to Flower's servers by
@@ -144,6 +144,10 @@ def flwr_env(tmp_path_factory):
            "FLWR_TELEMETRY_ENABLED": "0",
            # The venv already holds the app's dependencies: no `uv sync` (no network).
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    # Start that SuperLink now (any `flwr` command does), so that runs started together
+    # (helpers.start_flwr_run) find it up instead of each trying to start it.
+    subprocess.run([FLWR, "ls", "--format", "json"], cwd=REPO, env=env, capture_output=True,
+                   text=True, timeout=120, check=True)
     yield env
     mine = [p for p in psutil.process_iter(["cmdline"])
             if any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])

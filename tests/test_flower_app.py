@@ -15,7 +15,8 @@ import sys
 import psutil
 import pytest
 
-from helpers import CLIENTS, REPO, app_config, flwr_run, free_port, records, run_demo, server_args
+from helpers import (CLIENTS, REPO, app_config, finish_flwr_run, flwr_run, free_port, records,
+                     run_demo, server_args, start_flwr_run)
 
 pytestmark = pytest.mark.slow
 
@@ -54,21 +55,34 @@ def test_simulation_with_sampling_gives_the_same_model_every_time(
                        close=("federated_loss",))
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"data-dir": "/nonexistent/data"},
-     "/nonexistent/data/manifest.json: not found; run `python partition_data.py` first"),
-    ({"num-server-rounds": 2.5}, "run-config num-server-rounds = 2.5 must be an integer"),
-    ({"min-clients": 4}, "min-clients 4, but {data} has only 3 partitions (one client each)"),
-])
-def test_bad_run_config_fails_the_run_with_one_line(flwr_env, app_data, tmp_path, settings,
-                                                     message):
-    config = {**app_config(app_data, tmp_path / "results"), **settings}
-    output, run = flwr_run(flwr_env, config)
-    message = message.format(data=app_data)
+BAD_RUN_CONFIGS = {
+    "no data": ({"data-dir": "/nonexistent/data"},
+                "/nonexistent/data/manifest.json: not found; run `python partition_data.py` first"),
+    "rounds": ({"num-server-rounds": 2.5}, "run-config num-server-rounds = 2.5 must be an integer"),
+    "clients": ({"min-clients": 4}, "min-clients 4, but {data} has only 3 partitions (one client "
+                "each)"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(flwr_env, app_data, tmp_path_factory) -> dict[str, tuple]:
+    """The runs of BAD_RUN_CONFIGS, started together (a failing run is all start-up, so
+    three at once take little longer than one): {name: (output, run record, results)}."""
+    tmp = tmp_path_factory.mktemp("bad_config")
+    started = {name: start_flwr_run(flwr_env, {**app_config(app_data, tmp / name), **settings})
+               for name, (settings, _) in BAD_RUN_CONFIGS.items()}
+    return {name: (*finish_flwr_run(flwr_env, proc), tmp / name)
+            for name, proc in started.items()}
+
+
+@pytest.mark.parametrize("name", BAD_RUN_CONFIGS)
+def test_bad_run_config_fails_the_run_with_one_line(bad_config_runs, app_data, name):
+    output, run, results = bad_config_runs[name]
+    message = BAD_RUN_CONFIGS[name][1].format(data=app_data)
     assert run["status"] == "finished:failed"
     assert run["status-details"] == f"Simulation failed with exception: {message}"
     assert f"server_app: error: {message}" in output
-    assert not (tmp_path / "results").exists()  # nothing half-written
+    assert not results.exists()  # nothing half-written
 
 
 # ------------------------------------------------------------------------ demo.py
