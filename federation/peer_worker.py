@@ -31,6 +31,7 @@ from federation.peer_round import GossipSettings
 from federation.results import ResultsDir
 
 PROG = "peer.py"
+GRACE = 2.0  # s past --timeout for peers stuck in the same exchange to say so (failed/R)
 
 
 class PeerError(Exception):
@@ -48,6 +49,7 @@ class State:
     connected: bool = False     # in the run's coordination service
     last_saved: int | None = None
     neighbours: tuple[int, ...] = ()
+    diagnosing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     saving: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def saved(self) -> str:
@@ -250,7 +252,8 @@ def run(args: argparse.Namespace, state: State) -> None:
         gossip_transport.publish(f"ready/{r}/{args.rank}", "1")
         gossip_transport.wait_for_all(f"ready/{r}", args.peers, args.timeout,
                                       f"round {r}'s exchange")
-        watchdog = threading.Timer(args.timeout, exchange_hung, (state, r))
+        began_exchange = time.monotonic()
+        watchdog = threading.Timer(args.timeout, exchange_broke, (state, r, began_exchange))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace, state: State) -> None:
         finally:
             watchdog.cancel()
         if failure is not None:
-            raise exchange_failed(state, r, failure)
+            exchange_broke(state, r, began_exchange, failure)
         arrays = gossip.mix_row(w, args.rank, {args.rank: trained, **received})
         own = gossip.distance(trained, arrays)
         gossip_transport.publish(f"distance/{r}/{args.rank}", repr(own))
@@ -280,45 +283,34 @@ def run(args: argparse.Namespace, state: State) -> None:
           flush=True)
 
 
-def exchange_failed(state: State, r: int, error: Exception) -> gossip_transport.PeerMissing:
-    """Round r's exchange broke (gloo's error names no rank): find who is gone.
+def exchange_broke(state: State, r: int, began: float, error: Exception | None = None) -> None:
+    """Round r's exchange failed (`error`) or has not returned within --timeout: stop.
 
-    This peer says so under failed/R; the peers that neither say so nor finish the
-    round (distance/R) within --timeout are the ones gone.
+    The main thread calls this when gloo raises; the watchdog thread when the main
+    thread is still inside gloo after --timeout. The first of the two says why and ends
+    the process; the second waits for it. gloo's error names no rank, so this peer says
+    under failed/R that it cannot finish round R, and the ranks that neither say so
+    nor finish the round (distance/R) are the ones gone. Every live peer has done one
+    or the other by --timeout past the exchange's start (its error or its watchdog),
+    plus a short grace.
     """
-    gone = gone_in_round(state, r, state.timeout)
-    return gossip_transport.PeerMissing(
-        f"round {r}'s exchange failed: {gone_or_neighbours(state, gone)} "
-        f"({gossip_transport.first_line(error)})", gone)
-
-
-def exchange_hung(state: State, r: int) -> None:
-    """Round r's exchange has not returned within --timeout: stop this peer.
-
-    Runs on a timer thread while the main thread waits inside gloo. Peers stuck the
-    same way get here within moments of each other, so a short grace tells them
-    apart from the ones gone.
-    """
+    if not state.diagnosing.acquire(blocking=False):
+        threading.Event().wait()  # the other thread is saying why; it ends the process
     try:
-        gone = gone_in_round(state, r, min(2.0, state.timeout))
+        gossip_transport.publish(f"failed/{r}/{state.rank}", "1")
+        gone = gossip_transport.absent((f"distance/{r}", f"failed/{r}"), state.peers,
+                                       began + state.timeout + GRACE - time.monotonic())
     except gossip_transport.CoordinatorLost:
         gone = []
-    stop(state, f"peer {state.rank} stops: round {r}'s exchange did not finish within "
-                f"{state.timeout:g} s: {gone_or_neighbours(state, gone)}", 1, gone)
-
-
-def gone_in_round(state: State, r: int, wait: float) -> list[int]:
-    """Say that this peer cannot finish round r; the ranks that neither say so nor finish."""
-    gossip_transport.publish(f"failed/{r}/{state.rank}", "1")
-    return gossip_transport.absent((f"distance/{r}", f"failed/{r}"), state.peers, wait)
-
-
-def gone_or_neighbours(state: State, gone: list[int]) -> str:
-    """"peer 2 is gone or hung"; where every peer answered, this peer's neighbours."""
     if gone:
-        verb = "is" if len(gone) == 1 else "are"
-        return f"{gossip_transport.ranks_named(gone)} {verb} gone or hung"
-    return f"the link to a neighbour ({', '.join(map(str, state.neighbours))}) broke"
+        who = (f"{gossip_transport.ranks_named(gone)} {'is' if len(gone) == 1 else 'are'} "
+               "gone or hung")
+    else:
+        who = f"the link to a neighbour ({', '.join(map(str, state.neighbours))}) broke"
+    what = (f"round {r}'s exchange failed: {who} ({gossip_transport.first_line(error)})"
+            if error is not None else
+            f"round {r}'s exchange did not finish within {state.timeout:g} s: {who}")
+    stop(state, f"peer {state.rank} stops: {what}", 1, gone)
 
 
 def save(state: State, results: ResultsDir, records: list[dict], arrays: gossip.Arrays,

@@ -11,7 +11,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 from federation import compile_cache
 

