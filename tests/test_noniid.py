@@ -5,6 +5,7 @@ The training side of FedProx (mu = 0 is plain training bit for bit, mu > 0 stays
 the global model, no recompilation) is tested in test_model.py.
 """
 
+import shutil
 import signal
 
 import numpy as np
@@ -352,13 +353,19 @@ def test_resume_with_fedadam_and_fedprox_after_a_kill_is_bit_identical(procs, tm
         "adam": (method[:4], "client_optimizer was 'sgd', now 'adam'"),
         "sgd rate": ([*method, "--learning-rate", "0.02"], "learning_rate was 0.01, now 0.02"),
     }
-    # One at a time: each refused server holds the directory's lock while it checks, so
-    # servers started together would be refused for that instead (federation/run_lock.py).
-    for name, (flags, mismatch) in refusals.items():
-        procs.start(name, "server.py", *server_args(free_port(), data_dir, run_dir, 4),
+    # All at once, each on its own copy of the run (copy2 keeps every mtime): a refused
+    # server holds its directory's lock while it checks, so servers sharing one directory
+    # would be refused for that instead (federation/run_lock.py).
+    copies = {name: run_dir.with_name(f"copy {name}") for name in refusals}
+    for name, (flags, _) in refusals.items():
+        shutil.copytree(run_dir, copies[name])
+        assert snapshot(copies[name]) == before
+        procs.start(name, "server.py", *server_args(free_port(), data_dir, copies[name], 4),
                     *flags, "--resume")
+    for name, (_, mismatch) in refusals.items():
         assert procs.wait(name, 60) == 1, procs.log(name)
         assert last_line(procs.err(name)) == (
-            f"server.py: error: cannot resume {run_dir}: {mismatch}; resume with the same "
-            "settings, or start a new run with --overwrite")
+            f"server.py: error: cannot resume {copies[name]}: {mismatch}; resume with the "
+            "same settings, or start a new run with --overwrite")
+        assert snapshot(copies[name]) == before  # not a byte, not a timestamp
     assert snapshot(run_dir) == before  # not a byte, not a timestamp
