@@ -6,6 +6,7 @@ each with one line, and --resume on every peer must still end there.
 """
 
 import json
+import shutil
 import signal
 import socket
 import time
@@ -205,15 +206,19 @@ def test_bad_flags_are_refused_while_parsing(flags, words, capsys):
 
 
 def test_bad_input_is_one_line_before_any_training(procs, data_dir, tmp_path):
-    """A missing shard, a results directory that holds a run, nobody at the coordinator,
-    a rank taken twice while another never comes: one line each, a non-zero exit,
-    nothing written."""
+    """A missing shard, a shard from another split, a results directory that holds a
+    run, nobody at the coordinator, a rank taken twice while another never comes: one
+    line each, a non-zero exit, nothing written."""
     port, clash = free_port(), free_port()
     held = tmp_path / "held"
     (held / "peer_1").mkdir(parents=True)
     (held / "peer_1" / "metrics.json").write_text("[]")
+    foreign = shutil.copytree(data_dir, tmp_path / "foreign_data")
+    shutil.copyfile(foreign / "partition_0.npz", foreign / "partition_1.npz")  # valid, not 1
     cases = {
         "shard": (1, ["--data-dir", tmp_path / "nothing"], "partition_1.npz not found"),
+        "foreign": (1, ["--data-dir", foreign], f"{foreign}/partition_1.npz is not the shard "
+                    f"that {foreign}/manifest.json describes (its SHA-256 is "),
         "held": (1, ["--results-dir", held], "already holds a run"),
         "nobody": (1, ["--start-timeout", 1], f"no coordinator answered at 127.0.0.1:{port}"),
     }
